@@ -1,0 +1,164 @@
+"""The only module that knows model structure.
+
+Everything is discovered from the model class transformers builds for a ``config.json``, on the
+meta device, with no per-family tables: the decoder layers are the ModuleList whose children are
+the classes the model lists in ``_no_split_modules``; the prunable weights are the 2-D weights of
+the linear layers (``nn.Linear`` and GPT-2's transposed ``Conv1D``) inside those layers.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers.pytorch_utils import Conv1D
+
+from .errors import LlmpruneError
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One prunable matrix of a decoder layer."""
+
+    name: str  # module path inside the layer, e.g. "self_attn.q_proj"
+    transposed: bool  # Conv1D stores the weight as (in, out)
+
+    @property
+    def weight(self) -> str:
+        return f"{self.name}.weight"
+
+
+@dataclass
+class Layout:
+    """Where things live in one model: its decoder layers and their prunable matrices.
+
+    Names here are the model's own parameter names; ``checkpoint_name`` maps them to the names
+    stored in the checkpoint (some checkpoints omit the base-model prefix, e.g. GPT-2's ``h.0``).
+    """
+
+    config: PretrainedConfig
+    skeleton: nn.Module  # the whole model, parameters on the meta device
+    layers_path: str  # e.g. "model.layers"
+    linears: list[list[Linear]]  # per layer index
+    prefix_to_strip: str = ""  # checkpoint names lack this prefix (set by match_checkpoint)
+    _layers: nn.ModuleList = field(default=None, repr=False)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.linears)
+
+    def layer_prefix(self, index: int) -> str:
+        return f"{self.layers_path}.{index}."
+
+    def layer_module(self, index: int) -> nn.Module:
+        """The meta-device module of decoder layer ``index`` (shared; copy before materialising)."""
+        return self._layers[index]
+
+    def checkpoint_name(self, model_name: str) -> str:
+        if self.prefix_to_strip and model_name.startswith(self.prefix_to_strip):
+            return model_name[len(self.prefix_to_strip):]
+        return model_name
+
+    def model_name(self, checkpoint_name: str) -> str:
+        if self.prefix_to_strip and not checkpoint_name.startswith(self.prefix_to_strip):
+            return self.prefix_to_strip + checkpoint_name
+        return checkpoint_name
+
+    def layer_of(self, checkpoint_name: str) -> int | None:
+        """Decoder layer index of a checkpoint tensor, or None for tensors outside the layers."""
+        name = self.model_name(checkpoint_name)
+        head = self.layers_path + "."
+        if not name.startswith(head):
+            return None
+        index = name[len(head):].split(".", 1)[0]
+        return int(index) if index.isdigit() and int(index) < self.num_layers else None
+
+    def match_checkpoint(self, names: set[str]) -> None:
+        """Learn whether the checkpoint's names carry the base-model prefix.
+
+        Raises when the checkpoint holds none of the decoder layers' weights.
+        """
+        probe = self.layer_prefix(0) + self.linears[0][0].weight if self.linears and self.linears[0] else None
+        if probe is None:
+            return
+        if probe in names:
+            return
+        base = getattr(self.skeleton, "base_model_prefix", "")
+        if base and probe.startswith(base + ".") and probe[len(base) + 1:] in names:
+            self.prefix_to_strip = base + "."
+            return
+        raise LlmpruneError(f"the checkpoint has no tensor {probe!r}: weights do not match config.json")
+
+
+def load_config(folder: str) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LlmpruneError(f"cannot read config.json in {folder}: {reason}") from None
+
+
+def build_skeleton(config: PretrainedConfig) -> nn.Module:
+    """The model with parameters on the meta device; buffers (rotary tables) stay real."""
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, ImportError) as err:
+        reason = str(err).strip().splitlines()[0]
+        raise LlmpruneError(f"transformers cannot build a causal LM from this config: {reason}") from None
+    return model.eval()
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D)) and getattr(module, "weight", None) is not None \
+        and module.weight.dim() == 2
+
+
+def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder layers: the ModuleList of ``_no_split_modules`` blocks with most parameters.
+
+    Multimodal models list their vision blocks too; the language model's stack is the largest.
+    """
+    block_names = set(getattr(model, "_no_split_modules", None) or [])
+    candidates = []
+    for path, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and all(
+            type(child).__name__ in block_names for child in module
+        ):
+            size = sum(p.numel() for p in module.parameters())
+            candidates.append((size, path, module))
+    if not candidates:
+        raise LlmpruneError(
+            f"no decoder layers found in {type(model).__name__} (no ModuleList of {sorted(block_names) or 'known blocks'})"
+        )
+    _, path, layers = max(candidates, key=lambda c: c[0])
+    return path, layers
+
+
+def layout_of(config: PretrainedConfig) -> Layout:
+    """Discover the layout of the model ``config`` describes, without allocating its weights."""
+    skeleton = build_skeleton(config)
+    path, layers = find_layers(skeleton)
+    linears = [
+        [Linear(name, isinstance(module, Conv1D)) for name, module in layer.named_modules() if _is_linear(module)]
+        for layer in layers
+    ]
+    if not any(linears):
+        raise LlmpruneError("no prunable linear layers found inside the decoder layers")
+    return Layout(config, skeleton, path, linears, _layers=layers)
+
+
+def as_out_in(weight: torch.Tensor, linear: Linear) -> torch.Tensor:
+    """The weight as (out_features, in_features), the layout criteria and masks expect."""
+    return weight.t() if linear.transposed else weight
+
+
+def materialize(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of a meta-device ``module`` holding ``state`` (names relative to the module)."""
+    real = copy.deepcopy(module)
+    real.load_state_dict(state, strict=True, assign=True)
+    return real

@@ -1,0 +1,288 @@
+"""Resolve a model id or folder; read tensors one at a time; write shards as tensors arrive.
+
+Safetensors files are parsed here directly (an 8-byte header length, a JSON header, then the raw
+bytes) so that a tensor is read with one positional read into its own buffer and written with
+one positional write at an offset planned in advance. Nothing is memory-mapped: mapped pages
+count towards the process's resident memory, and streaming a 140 GB checkpoint must not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import LlmpruneError
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_MAX_HEADER = 100 * 1024 * 1024
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def resolve(model: str, revision: str | None = None) -> tuple[Path, dict]:
+    """A local folder for ``model`` (a folder, or a Hub id fetched through the local cache).
+
+    Returns the folder and a description of the source for the recipe (id, revision, commit).
+    ``HF_TOKEN``, ``HF_HUB_OFFLINE`` and the cache are honoured by huggingface_hub itself.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path.resolve(), {"model": model, "path": str(path.resolve())}
+    if path.exists():
+        raise LlmpruneError(f"{model} is a file, not a model folder")
+    if model.startswith(("/", ".", "~")) or model.count("/") > 1:
+        raise LlmpruneError(f"model folder {model} does not exist")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*", "README.md"]
+    try:
+        folder = snapshot_download(model, revision=revision, allow_patterns=patterns)
+    except RepositoryNotFoundError:
+        raise LlmpruneError(f"model {model!r} not found: no such folder, and no such repo on the Hub") from None
+    except LocalEntryNotFoundError:
+        raise LlmpruneError(
+            f"model {model!r} is neither a local folder nor in the Hugging Face cache, and the Hub is unreachable"
+        ) from None
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LlmpruneError(f"cannot fetch {model!r} from the Hub: {reason}") from None
+    folder = Path(folder)
+    return folder, {"model": model, "revision": revision or "main", "commit": folder.name, "path": str(folder)}
+
+
+class Shard:
+    """One safetensors file: its header, and positional reads of its tensors."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.size = path.stat().st_size
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise ValueError("file shorter than a header")
+                n = int.from_bytes(head, "little")
+                if not 0 < n <= min(_MAX_HEADER, self.size - 8):
+                    raise ValueError("header length out of range")
+                self.header_bytes = f.read(n)
+            header = json.loads(self.header_bytes)
+        except (OSError, ValueError, UnicodeDecodeError) as err:
+            raise LlmpruneError(f"corrupt safetensors file {path.name}: {err}") from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + n
+        self.entries: dict[str, tuple[TensorSpec, int, int]] = {}
+        for name, info in header.items():
+            try:
+                dtype = DTYPES[info["dtype"]]
+                spec = TensorSpec(name, dtype, tuple(int(d) for d in info["shape"]))
+                start, end = (int(x) for x in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise LlmpruneError(f"corrupt safetensors file {path.name}: bad entry for {name!r}") from None
+            if end - start != spec.nbytes or self.data_start + end > self.size:
+                raise LlmpruneError(
+                    f"corrupt or truncated safetensors file {path.name}: {name!r} lies outside the file"
+                )
+            self.entries[name] = (spec, start, end)
+        self._fd: int | None = None
+
+    def read(self, name: str) -> torch.Tensor:
+        spec, start, end = self.entries[name]
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        view, done = memoryview(buf.numpy()), 0
+        while done < len(view):
+            got = os.preadv(self._fd, [view[done:]], self.data_start + start + done)
+            if got <= 0:
+                raise LlmpruneError(f"truncated safetensors file {self.path.name} while reading {name!r}")
+            done += got
+        return buf.view(spec.dtype).reshape(spec.shape)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class Checkpoint:
+    """The safetensors weights of a Hugging Face folder, single-file or sharded with an index."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        index = folder / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError):
+                raise LlmpruneError(f"corrupt {INDEX_NAME} in {folder}") from None
+            files = sorted(set(weight_map.values()))
+        elif (folder / SINGLE_NAME).is_file():
+            weight_map, files = None, [SINGLE_NAME]
+        else:
+            found = sorted(p.name for p in folder.glob("*.safetensors"))
+            if len(found) == 1:
+                weight_map, files = None, found
+            elif any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+                raise LlmpruneError(
+                    f"{folder} holds only PyTorch pickle weights (.bin); convert them to safetensors first, e.g. "
+                    "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR)"
+                )
+            else:
+                raise LlmpruneError(f"no safetensors weights in {folder}")
+        self.shards: dict[str, Shard] = {}
+        for name in files:
+            if not (folder / name).is_file():
+                raise LlmpruneError(f"{INDEX_NAME} names {name}, which is missing from {folder}")
+            self.shards[name] = Shard(folder / name)
+        self.location: dict[str, Shard] = {}
+        if weight_map is None:
+            for shard in self.shards.values():
+                self.location.update({n: shard for n in shard.entries})
+        else:
+            for tensor, file in weight_map.items():
+                shard = self.shards[file]
+                if tensor not in shard.entries:
+                    raise LlmpruneError(f"{INDEX_NAME} names tensor {tensor!r}, which {file} does not contain")
+                self.location[tensor] = shard
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.location)
+
+    def spec(self, name: str) -> TensorSpec:
+        return self.location[name].entries[name][0]
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.location[name].read(name)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.size for s in self.shards.values())
+
+    def fingerprint(self) -> dict[str, dict]:
+        """Size and header hash of each shard: identifies the layout cheaply, without rehashing data."""
+        return {
+            name: {"bytes": s.size, "header_sha256": hashlib.sha256(s.header_bytes).hexdigest()}
+            for name, s in self.shards.items()
+        }
+
+    def close(self) -> None:
+        for shard in self.shards.values():
+            shard.close()
+
+
+def parse_size(text: str) -> int:
+    """'5GB' / '500MB' / '1GiB' / '123' -> bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    s = text.strip().upper()
+    digits = s.rstrip("KMGTIB")
+    try:
+        return int(float(digits) * units[s[len(digits):]])
+    except (KeyError, ValueError):
+        raise LlmpruneError(f"cannot read size {text!r}: expected e.g. 5GB or 500MB") from None
+
+
+class ShardWriter:
+    """Writes tensors into shards whose layout is planned up front from their specs.
+
+    Every tensor's offset is known before any data arrives, so tensors are written one at a time
+    in any order and memory stays O(one tensor). ``close`` checks that every planned tensor came
+    and writes the index.
+    """
+
+    def __init__(self, folder: Path, specs: list[TensorSpec], max_shard_bytes: int):
+        self.folder = folder
+        groups: list[list[TensorSpec]] = [[]]
+        size = 0
+        for spec in specs:
+            if groups[-1] and size + spec.nbytes > max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(spec)
+            size += spec.nbytes
+        total = len(groups)
+        self.files = [SINGLE_NAME] if total == 1 else [
+            f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)
+        ]
+        self.place: dict[str, tuple[int, int, TensorSpec]] = {}  # name -> (fd index, offset, spec)
+        self.fds: list[int] = []
+        self.pending = {spec.name for spec in specs}
+        self.total_bytes = sum(spec.nbytes for spec in specs)
+        for i, (file, group) in enumerate(zip(self.files, groups)):
+            header, offset = {}, 0
+            for spec in group:
+                header[spec.name] = {"dtype": DTYPE_NAMES[spec.dtype], "shape": list(spec.shape),
+                                     "data_offsets": [offset, offset + spec.nbytes]}
+                offset += spec.nbytes
+            header["__metadata__"] = {"format": "pt"}
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+            fd = os.open(folder / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self.fds.append(fd)
+            _write_all(fd, len(raw).to_bytes(8, "little") + raw, 0)
+            os.ftruncate(fd, 8 + len(raw) + offset)
+            for spec in group:
+                start = header[spec.name]["data_offsets"][0]
+                self.place[spec.name] = (i, 8 + len(raw) + start, spec)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        index, offset, spec = self.place[name]
+        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise ValueError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, planned {spec.dtype} {spec.shape}")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        _write_all(self.fds[index], memoryview(data), offset)
+        self.pending.discard(name)
+
+    def close(self) -> None:
+        if self.pending:
+            raise RuntimeError(f"{len(self.pending)} planned tensors never written, e.g. {sorted(self.pending)[0]}")
+        for fd in self.fds:
+            os.fsync(fd)
+            os.close(fd)
+        self.fds = []
+        if len(self.files) > 1:
+            weight_map = {name: self.files[i] for name, (i, _, _) in self.place.items()}
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+def _write_all(fd: int, data, offset: int) -> None:
+    view, done = memoryview(data).cast("B"), 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)

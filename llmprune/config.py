@@ -1,0 +1,87 @@
+"""Frozen dataclasses for every option, with validation and a dict form for llmprune.json."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from .errors import LlmpruneError
+from .masks import Pattern
+from .ratios import check_sparsity, parse_schedule
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """One pruning run: what to read, how to prune, where to write."""
+
+    model: str
+    sparsity: float | None = None  # None: implied by an N:M pattern
+    output: str | None = None  # default: ./<model name>-pruned
+    revision: str | None = None
+    method: str = "magnitude"
+    pattern: str = "unstructured"
+    norm: str = "l1"
+    ratios: str | None = None  # a rules file
+    schedule: str | None = None  # e.g. "linear:0.2"
+    device: str = "auto"
+    dtype: str | None = None  # output dtype; None keeps the input's
+    max_shard_size: str = "5GB"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        pattern = Pattern.parse(self.pattern)
+        if pattern.kind == "nm":
+            implied = pattern.sparsity
+            if self.sparsity is None:
+                object.__setattr__(self, "sparsity", implied)
+            elif abs(self.sparsity - implied) > 1e-9:
+                raise LlmpruneError(
+                    f"pattern {self.pattern} zeroes {implied:.0%} of weights, which contradicts --sparsity {self.sparsity}"
+                )
+            if self.schedule:
+                raise LlmpruneError("--schedule needs unstructured pruning: N:M fixes the sparsity of every group")
+        if self.sparsity is None:
+            raise LlmpruneError("--sparsity is required (a number in [0, 1), e.g. 0.5)")
+        check_sparsity(self.sparsity, "--sparsity")
+        if self.norm not in ("l1", "l2"):
+            raise LlmpruneError(f"--norm must be l1 or l2, got {self.norm!r}")
+        if self.schedule:
+            parse_schedule(self.schedule)
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise LlmpruneError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.device != "auto" and not self.device.startswith(("cpu", "cuda", "mps", "xpu")):
+            raise LlmpruneError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
+        from . import criteria
+
+        criteria.get(self.method)
+
+    @property
+    def parsed_pattern(self) -> Pattern:
+        return Pattern.parse(self.pattern)
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return DTYPES[self.dtype] if self.dtype else None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PruneConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the first CUDA device when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LlmpruneError(f"--device {name}: no CUDA device is available")
+    return device

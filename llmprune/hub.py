@@ -1,0 +1,87 @@
+"""The model card of an output folder (and later: compressed save, push to the Hub)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def input_card_metadata(folder: Path) -> dict:
+    """YAML front matter of the input's own README.md, if it has one."""
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return {}
+    text = readme.read_text(errors="replace")
+    match = re.match(r"^---\s*\n(.*?)\n---\s*\n", text, re.S)
+    if not match:
+        return {}
+    try:
+        data = yaml.safe_load(match.group(1))
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _layer_table(recipe: dict) -> str:
+    rows = ["| layer | sparsity |", "|---:|---:|"]
+    for i, s in enumerate(recipe["sparsity"]["layers"]):
+        rows.append(f"| {i} | {s:.2%} |")
+    return "\n".join(rows)
+
+
+def model_card(recipe: dict, base_model: str | None, input_meta: dict) -> str:
+    """README.md for an output folder: Hub metadata, the recipe, per-layer sparsity, the command."""
+    cfg = recipe["config"]
+    meta: dict = {}
+    if base_model:
+        meta["base_model"] = base_model
+    meta["library_name"] = "transformers"
+    meta["pipeline_tag"] = "text-generation"
+    if input_meta.get("license"):
+        meta["license"] = input_meta["license"]
+    if input_meta.get("language"):
+        meta["language"] = input_meta["language"]
+    meta["tags"] = ["pruned", "sparse", "llmprune", cfg["method"]]
+    front = yaml.safe_dump(meta, sort_keys=False).strip()
+    overall = recipe["sparsity"]["overall"]
+    source = base_model or recipe["input"]["model"]
+    lines = [
+        f"---\n{front}\n---",
+        f"# {source} pruned to {overall:.1%} sparsity",
+        "",
+        f"This model is [{source}]({'https://huggingface.co/' + source if base_model else source}) with "
+        f"{overall:.1%} of the weights of its decoder layers' linear layers set to zero by "
+        f"[llmprune](https://pypi.org/project/llmprune/) ({cfg['method']}, {cfg['pattern']}). "
+        "It loads with plain `AutoModelForCausalLM.from_pretrained`; the zeros are stored densely.",
+        "",
+        "## Recipe",
+        "",
+        "| option | value |",
+        "|---|---|",
+    ]
+    for key in ("method", "pattern", "norm", "sparsity", "ratios", "schedule", "dtype"):
+        if cfg.get(key) is not None:
+            lines.append(f"| {key} | {cfg[key]} |")
+    lines += [
+        f"| matrices pruned | {recipe['sparsity']['matrices_pruned']} |",
+        f"| overall sparsity (pruned matrices) | {overall:.4%} |",
+        "",
+        "## Sparsity per decoder layer",
+        "",
+        _layer_table(recipe),
+        "",
+        "## Reproduce",
+        "",
+        "```",
+        recipe.get("command") or "",
+        "```",
+        "",
+        f"llmprune {recipe['versions']['llmprune']}, torch {recipe['versions']['torch']}, "
+        f"transformers {recipe['versions']['transformers']}. The full recipe is in `llmprune.json`.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,264 @@
+"""A pruning run from start to finish: resolve, plan, stream, write the folder, record the recipe.
+
+All writing happens in a hidden temporary sibling of the output folder that is renamed into place
+only when everything is written and flushed, so a crash never leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import GenerationConfig
+
+from . import __version__, criteria, hub, ratios
+from .arch import Layout, as_out_in, layout_of, load_config
+from .checkpoint import Checkpoint, ShardWriter, parse_size, resolve
+from .config import PruneConfig, resolve_device
+from .errors import LlmpruneError
+from .masks import Pattern
+from .stream import Layer, output_specs, run
+
+log = logging.getLogger(__name__)
+
+# Files of the input folder that are not copied: weights (rewritten), the card and recipe (new).
+_NOT_COPIED = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
+_REPLACED = {"README.md", "llmprune.json", "model.safetensors.index.json", "pytorch_model.bin.index.json",
+             "config.json", ".gitattributes"}
+
+
+@dataclass
+class Source:
+    """An input model: its folder, checkpoint and layout."""
+
+    folder: Path
+    info: dict
+    checkpoint: Checkpoint
+    layout: Layout
+
+
+def open_source(model: str, revision: str | None = None) -> Source:
+    """Resolve ``model`` and discover its structure; every failure is a one-line error."""
+    from .packaged import resolve_packaged
+
+    packaged = resolve_packaged(model)
+    folder, info = (packaged, {"model": model, "path": str(packaged)}) if packaged else resolve(model, revision)
+    if not (folder / "config.json").is_file():
+        raise LlmpruneError(f"{folder} has no config.json: not a Hugging Face model folder")
+    checkpoint = Checkpoint(folder)
+    layout = layout_of(load_config(str(folder)))
+    layout.match_checkpoint(set(checkpoint.names))
+    return Source(folder, info, checkpoint, layout)
+
+
+def prunable_matrices(source: Source) -> list[ratios.Matrix]:
+    out = []
+    for index in range(source.layout.num_layers):
+        prefix = source.layout.layer_prefix(index)
+        for linear in source.layout.linears[index]:
+            name = source.layout.checkpoint_name(prefix + linear.weight)
+            if name in source.checkpoint.location:
+                numel = 1
+                for d in source.checkpoint.spec(name).shape:
+                    numel *= d
+                out.append(ratios.Matrix(name, numel, index))
+    return out
+
+
+def plan_sparsity(cfg: PruneConfig, source: Source) -> dict[str, float]:
+    """Target sparsity of every prunable matrix, checked against the pattern."""
+    matrices = prunable_matrices(source)
+    rules = ratios.load_rules(cfg.ratios) if cfg.ratios else None
+    schedule = ratios.parse_schedule(cfg.schedule) if cfg.schedule else None
+    targets = ratios.assign(matrices, cfg.sparsity, rules, schedule, rules_source=f"ratio file {cfg.ratios}")
+    pattern = cfg.parsed_pattern
+    if pattern.kind == "nm":
+        for name, s in targets.items():
+            if s not in (0.0, pattern.sparsity):
+                raise LlmpruneError(f"{name}: sparsity {s} cannot be reached with {pattern}: use 0 or {pattern.sparsity}")
+        check_n_m_shapes(source, pattern, targets)
+    return targets
+
+
+def check_n_m_shapes(source: Source, pattern: Pattern, targets: dict[str, float]) -> None:
+    """Refuse before writing anything when an input dimension is not a multiple of M."""
+    for index in range(source.layout.num_layers):
+        prefix = source.layout.layer_prefix(index)
+        for linear in source.layout.linears[index]:
+            name = source.layout.checkpoint_name(prefix + linear.weight)
+            if targets.get(name):
+                shape = source.checkpoint.spec(name).shape
+                fan_in = shape[0] if linear.transposed else shape[1]
+                if fan_in % pattern.m:
+                    raise LlmpruneError(f"{name}: input dimension {fan_in} is not a multiple of M={pattern.m}")
+
+
+@dataclass
+class PruneStep:
+    """Prune every targeted matrix of a layer with one criterion; count the zeros written."""
+
+    criterion: object
+    targets: dict[str, float]
+    pattern: Pattern
+    norm: str
+    zeros: dict[str, int] = field(default_factory=dict)
+
+    def __call__(self, layer: Layer) -> dict[str, torch.Tensor]:
+        out = dict(layer.tensors)
+        for linear, name in layer.linears():
+            sparsity = self.targets.get(name, 0.0)
+            if sparsity > 0:
+                weight = as_out_in(out[name], linear)
+                pruned, _ = self.criterion.prune(weight, sparsity, self.pattern, None, self.norm)
+                out[name] = pruned.t() if linear.transposed else pruned
+            self.zeros[name] = int((out[name] == 0).sum())
+        return out
+
+
+def default_output(cfg: PruneConfig) -> Path:
+    stem = Path(cfg.model.rstrip("/")).name.replace("packaged:", "")
+    label = cfg.pattern.replace(":", "of") if cfg.pattern != "unstructured" else f"{round(cfg.sparsity * 100)}"
+    return Path(f"{stem}-{cfg.method}-{label}")
+
+
+def check_output(output: Path, input_folder: Path, overwrite: bool) -> None:
+    out, src = output.resolve(), input_folder.resolve()
+    if out == src or src.is_relative_to(out) or out.is_relative_to(src):
+        raise LlmpruneError(f"output {output} overlaps the input folder {input_folder}; the input is never modified")
+    if out.exists() and not out.is_dir():
+        raise LlmpruneError(f"output {output} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise LlmpruneError(f"output {output} exists and is not empty (use --overwrite to replace it)")
+
+
+def make_temp_dir(output: Path) -> Path:
+    parent = output.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=parent))
+    except OSError as err:
+        raise LlmpruneError(f"cannot write output {output}: {err.strerror}") from None
+
+
+def replace_folder(tmp: Path, output: Path) -> None:
+    """Move the finished ``tmp`` to ``output``; an old output is removed only after that."""
+    out = output.resolve()
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_aux_files(src: Path, dst: Path, dtype: torch.dtype | None) -> None:
+    """Tokenizer, generation config and other small files; config.json with the output dtype."""
+    for path in src.iterdir():
+        if path.is_file() and not path.name.endswith(_NOT_COPIED) and path.name not in _REPLACED \
+                and not path.name.startswith("."):
+            shutil.copy2(path, dst / path.name)
+    config = json.loads((src / "config.json").read_text())
+    if dtype is not None:
+        name = str(dtype).removeprefix("torch.")
+        for key in ("dtype", "torch_dtype"):
+            if key in config or key == "dtype":
+                config[key] = name
+    (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if not (dst / "generation_config.json").exists():
+        GenerationConfig.from_model_config(load_config(str(src))).save_pretrained(dst)
+
+
+def versions() -> dict[str, str]:
+    return {"llmprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def sparsity_summary(source: Source, targets: dict[str, float], zeros: dict[str, int]) -> dict:
+    matrices = prunable_matrices(source)
+    per_matrix, per_layer_num, per_layer_den = {}, [0] * source.layout.num_layers, [0] * source.layout.num_layers
+    for m in matrices:
+        per_matrix[m.name] = {"target": targets.get(m.name, 0.0), "achieved": zeros[m.name] / m.numel, "numel": m.numel}
+        per_layer_num[m.layer] += zeros[m.name]
+        per_layer_den[m.layer] += m.numel
+    total = sum(per_layer_den)
+    return {
+        "overall": sum(per_layer_num) / total,
+        "target_mean": sum(targets.get(m.name, 0.0) * m.numel for m in matrices) / total,
+        "matrices_pruned": sum(1 for m in matrices if targets.get(m.name, 0.0) > 0),
+        "layers": [n / d if d else 0.0 for n, d in zip(per_layer_num, per_layer_den)],
+        "matrices": per_matrix,
+    }
+
+
+def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True) -> dict:
+    """Run ``cfg`` end to end; returns the recipe that is also written as llmprune.json."""
+    start = time.perf_counter()
+    source = open_source(cfg.model, cfg.revision)
+    output = Path(cfg.output) if cfg.output else default_output(cfg)
+    check_output(output, source.folder, cfg.overwrite)
+    targets = plan_sparsity(cfg, source)
+    device = resolve_device(cfg.device)
+    step = PruneStep(criteria.get(cfg.method), targets, cfg.parsed_pattern, cfg.norm)
+    specs = output_specs(source.checkpoint, source.layout, cfg.torch_dtype)
+
+    tmp = make_temp_dir(output)
+    writer = None
+    try:
+        writer = ShardWriter(tmp, specs, parse_size(cfg.max_shard_size))
+        run(source.checkpoint, source.layout, step, writer, device, cfg.torch_dtype, desc="prune", progress=progress)
+        writer.close()
+        copy_aux_files(source.folder, tmp, cfg.torch_dtype)
+        recipe = {
+            "format": "llmprune/1",
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": command,
+            "input": {**source.info, "shards": source.checkpoint.fingerprint()},
+            "config": cfg.to_dict(),
+            "versions": versions(),
+            "device": str(device),
+            "sparsity": sparsity_summary(source, targets, step.zeros),
+        }
+        recipe["wall_time_s"] = round(time.perf_counter() - start, 3)
+        recipe["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        (tmp / "llmprune.json").write_text(json.dumps(recipe, indent=2) + "\n")
+        base = base_model_id(cfg.model, source)
+        (tmp / "README.md").write_text(hub.model_card(recipe, base, hub.input_card_metadata(source.folder)))
+        replace_folder(tmp, output)
+    except OSError as err:
+        raise LlmpruneError(f"writing {output} failed: {err.strerror or err}") from None
+    finally:
+        if writer is not None:
+            writer.abort()
+        source.checkpoint.close()
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    recipe["output"] = str(output)
+    log.info("wrote %s", output)
+    return recipe
+
+
+def base_model_id(model: str, source: Source) -> str | None:
+    """The Hub id the output derives from, when there is one."""
+    if model.startswith("packaged:"):
+        return source.info.get("base_model") or "HuggingFaceTB/SmolLM2-135M-Instruct"
+    if "commit" in source.info:
+        return model
+    meta = hub.input_card_metadata(source.folder).get("base_model")
+    return meta if isinstance(meta, str) and hub.HUB_ID.match(meta) else None

@@ -1,0 +1,101 @@
+"""The layer-by-layer engine: load a decoder layer, let a step act on it, write it, free it.
+
+The model is never materialised whole. Tensors outside the decoder layers are copied through one
+at a time; each decoder layer's tensors are read (the next layer is read ahead on a worker thread
+while the current one is processed), moved to the execution device, handed to the step, and the
+step's output is written to the planned shards. Peak memory is O(two decoder layers).
+
+A step is any callable ``step(layer) -> dict[name, tensor]`` over a ``Layer``; steps that need
+the layer as a module (calibration, block-wise fine-tuning) call ``layer.module()``.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import Layout, Linear, materialize
+from .checkpoint import Checkpoint, ShardWriter, TensorSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Layer:
+    """One decoder layer in flight: its checkpoint tensors, on the execution device."""
+
+    index: int
+    tensors: dict[str, torch.Tensor]  # checkpoint name -> tensor
+    layout: Layout
+
+    def linears(self) -> Iterator[tuple[Linear, str]]:
+        """The prunable matrices of this layer with their checkpoint names."""
+        prefix = self.layout.layer_prefix(self.index)
+        for linear in self.layout.linears[self.index]:
+            name = self.layout.checkpoint_name(prefix + linear.weight)
+            if name in self.tensors:
+                yield linear, name
+
+    def module(self) -> nn.Module:
+        """The decoder layer as a real module holding these tensors (shared storage)."""
+        prefix = self.layout.checkpoint_name(self.layout.layer_prefix(self.index))
+        state = {name[len(prefix):]: t for name, t in self.tensors.items()}
+        return materialize(self.layout.layer_module(self.index), state)
+
+
+Step = Callable[[Layer], dict[str, torch.Tensor]]
+
+
+def group_names(checkpoint: Checkpoint, layout: Layout) -> tuple[list[str], list[list[str]]]:
+    """Checkpoint tensor names outside the decoder layers, and those of each layer, in order."""
+    outside: list[str] = []
+    per_layer: list[list[str]] = [[] for _ in range(layout.num_layers)]
+    for name in checkpoint.names:
+        index = layout.layer_of(name)
+        (outside if index is None else per_layer[index]).append(name)
+    return outside, per_layer
+
+
+def output_specs(checkpoint: Checkpoint, layout: Layout, dtype: torch.dtype | None) -> list[TensorSpec]:
+    """Specs of the output tensors in write order: tensors outside the layers first, then layers."""
+    outside, per_layer = group_names(checkpoint, layout)
+    specs = []
+    for name in outside + [n for names in per_layer for n in names]:
+        spec = checkpoint.spec(name)
+        if dtype is not None and spec.dtype.is_floating_point:
+            spec = TensorSpec(name, dtype, spec.shape)
+        specs.append(spec)
+    return specs
+
+
+def run(checkpoint: Checkpoint, layout: Layout, step: Step, writer: ShardWriter,
+        device: torch.device, dtype: torch.dtype | None = None, desc: str = "layers",
+        progress: bool = True) -> None:
+    """Stream every tensor of ``checkpoint`` through ``step`` (decoder layers) into ``writer``."""
+    outside, per_layer = group_names(checkpoint, layout)
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    for name in outside:
+        writer.write(name, convert(checkpoint.read(name)))
+
+    def read_layer(index: int) -> dict[str, torch.Tensor]:
+        return {name: checkpoint.read(name) for name in per_layer[index]}
+
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        ahead = reader.submit(read_layer, 0) if per_layer else None
+        for index in tqdm(range(layout.num_layers), desc=desc, unit="layer", disable=not progress):
+            tensors = ahead.result()
+            ahead = reader.submit(read_layer, index + 1) if index + 1 < layout.num_layers else None
+            tensors = {n: t.to(device, non_blocking=True) for n, t in tensors.items()}
+            out = step(Layer(index, tensors, layout))
+            for name, t in out.items():
+                writer.write(name, convert(t))
+            del tensors, out

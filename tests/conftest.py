@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny random checkpoints of each supported family, built from configs."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from llmprune.cli import main
+
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+# Each family with the smallest config that still has its quirks (GQA, tied embeddings,
+# sliding windows, fused projections, GPT-2's transposed Conv1D).
+FAMILIES = {
+    "llama": dict(COMMON),
+    "mistral": dict(COMMON, sliding_window=32),
+    "qwen2": dict(COMMON),
+    "gemma3_text": dict(COMMON, head_dim=16, sliding_window=16, layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
+    "phi3": dict(COMMON, pad_token_id=0),
+    "opt": dict(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
+                max_position_embeddings=256, word_embed_proj_dim=64),
+    "gpt2": dict(vocab_size=128, n_embd=64, n_layer=3, n_head=4, n_positions=256),
+}
+
+
+def build_tiny(family: str, folder: Path, dtype=torch.float32, shard="40KB", **overrides) -> Path:
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(family, **{**FAMILIES[family], **overrides})
+    model = AutoModelForCausalLM.from_config(cfg).to(dtype)
+    model.save_pretrained(folder, max_shard_size=shard)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: build_tiny(family, root / family) for family in FAMILIES}
+
+
+def run_cli(*args: str) -> int:
+    return main([str(a) for a in args])
+
+
+def tree_hash(folder: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            h.update(str(path.relative_to(folder)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
