@@ -162,3 +162,114 @@ def materialize(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     real = copy.deepcopy(module)
     real.load_state_dict(state, strict=True, assign=True)
     return real
+
+
+class _StopForward(Exception):
+    """Raised by the last layer stand-in: nothing after the decoder layers is needed."""
+
+
+class _LayerStandIn(nn.Module):
+    """Takes a decoder layer's place to see what the model passes it, without its weights.
+
+    ``record``: keep the call's extra arguments (masks, position ids, rotary tables) per layer and
+    pass the hidden state through; ``replace``: the first stand-in returns prepared hidden states
+    instead, so the model's own code (final norm, head, soft-capping) finishes the forward.
+    """
+
+    def __init__(self, index: int, hook: "_Hook"):
+        super().__init__()
+        self.index, self.hook = index, hook
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.hook(self.index, hidden_states, args, kwargs)
+
+
+class _Hook:
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.calls: list[tuple[tuple, dict]] = []
+        self.first_input: torch.Tensor | None = None
+        self.replacement: torch.Tensor | None = None
+        self.stop = True
+
+    def __call__(self, index, hidden, args, kwargs):
+        if self.replacement is not None:
+            return self.replacement if index == 0 else hidden
+        if index == 0:
+            self.first_input = hidden
+        self.calls.append((args, kwargs))
+        if self.stop and index == self.num_layers - 1:
+            raise _StopForward
+        return hidden
+
+
+@dataclass
+class LayerCalls:
+    """What the model passes each decoder layer besides the hidden state, for one batch shape."""
+
+    calls: list[tuple[tuple, dict]]  # per layer: positional and keyword arguments
+
+    def run(self, module: nn.Module, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Decoder layer ``index`` (as ``module``) applied to ``hidden`` (B, T, C)."""
+        args, kwargs = self.calls[index]
+        out = module(hidden, *args, **kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class Outer:
+    """The model without its decoder layers: embeddings, rotary tables, final norm and head.
+
+    Materialised from the checkpoint on ``device`` (the layers stay stand-ins), it produces each
+    layer's inputs for a batch and turns final hidden states into logits through the model's own
+    forward, so no per-family knowledge of masks, positions or heads is needed.
+    """
+
+    def __init__(self, layout: Layout, read: "callable", device: torch.device, dtype: torch.dtype | None = None):
+        model = build_skeleton(layout.config)
+        _, layers = find_layers(model)
+        self.hook = _Hook(len(layers))
+        for i in range(len(layers)):
+            layers[i] = _LayerStandIn(i, self.hook)
+        missing = []
+        for name, param in list(model.named_parameters(remove_duplicate=False)):
+            if not param.is_meta:
+                continue
+            try:
+                tensor = read(layout.checkpoint_name(name))
+            except KeyError:
+                missing.append(name)
+                continue
+            _set_tensor(model, name, tensor.to(device=device, dtype=dtype or tensor.dtype))
+        if missing:
+            model.tie_weights()
+            still = [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
+            if still:
+                raise LlmpruneError(f"the checkpoint lacks {still[0]!r}")
+        self.model = model.to(device)
+        self.device = device
+
+    @torch.no_grad()
+    def layer_inputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, LayerCalls]:
+        """Hidden states entering layer 0 for ``input_ids`` (B, T), and every layer's other arguments."""
+        self.hook.calls, self.hook.first_input, self.hook.stop = [], None, True
+        try:
+            self.model(input_ids=input_ids.to(self.device), use_cache=False)
+        except _StopForward:
+            pass
+        calls = LayerCalls(self.hook.calls)
+        self.hook.calls = []
+        return self.hook.first_input, calls
+
+    def logits(self, input_ids: torch.Tensor, final_hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, V) from the last decoder layer's output, via the model's own forward."""
+        self.hook.replacement, self.hook.stop = final_hidden, False
+        try:
+            return self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
+        finally:
+            self.hook.replacement, self.hook.stop = None, True
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner, _, attr = name.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
