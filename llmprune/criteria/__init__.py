@@ -14,9 +14,9 @@ from __future__ import annotations
 from types import ModuleType
 
 from ..errors import LlmpruneError
-from . import magnitude
+from . import magnitude, sparsegpt, wanda
 
-_REGISTRY: dict[str, ModuleType] = {"magnitude": magnitude}
+_REGISTRY: dict[str, ModuleType] = {"magnitude": magnitude, "sparsegpt": sparsegpt, "wanda": wanda}
 
 
 def names() -> list[str]:

@@ -1,0 +1,145 @@
+"""SparseGPT (Frantar & Alistarh, 2023): prune with an approximate OBS update of the survivors.
+
+The layer-wise objective is ||WX - W'X||^2 with Hessian H = 2 X X^T / n. Columns are processed
+left to right in lazy blocks; pruning a weight spreads its error over the not-yet-processed
+columns of the same row through the upper Cholesky factor of H^-1, whose diagonal d also gives
+the OBS score w^2 / d^2 that chooses what to prune.
+
+Exact sparsity: the reference chooses each block's mask by a threshold (one weight too many per
+block, more on ties), so the matrix total drifts from round(sparsity * numel). Here the block over
+columns [c0, c1) prunes exactly round(s * rows * c1) - round(s * rows * c0) weights (masks.lowest_k,
+ties to the lower index): the counts telescope to round(s * rows * cols) for the whole matrix, and
+each block's share is within one weight of s * its size. N:M is exact by construction: at every
+M-th column the N lowest scores of the next M columns are pruned.
+
+Inputs that never fired (H_ii = 0) have their weights zeroed, as in the reference; they score 0 and
+are pruned first, but if they outnumber the prune count some zeros are left marked as kept.
+
+``norm`` is accepted for the common interface and changes nothing for single weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .. import masks
+from ..errors import LlmpruneError
+from ..masks import Pattern, prune_count
+
+log = logging.getLogger(__name__)
+
+needs_calibration = True
+
+_DAMP_RETRIES = 4  # dampening grows tenfold per retry when H + damp*I is not positive definite
+
+
+@dataclass
+class Hessian:
+    """Running average of 2 x x^T over tokens, (in, in) float32 on the weight's device."""
+
+    h: torch.Tensor
+    tokens: int = 0
+
+
+def init_stats(weight: torch.Tensor) -> Hessian:
+    n = weight.shape[1]
+    return Hessian(torch.zeros(n, n, dtype=torch.float32, device=weight.device))
+
+
+@torch.no_grad()
+def accumulate(stats: Hessian, x: torch.Tensor) -> None:
+    """Fold a batch of layer inputs ``x`` (tokens, in) into H; leading batch dims are flattened."""
+    x = x.reshape(-1, x.shape[-1])
+    if x.shape[1] != stats.h.shape[0]:
+        raise LlmpruneError(f"sparsegpt: activations have {x.shape[1]} features, the layer takes {stats.h.shape[0]}")
+    if x.shape[0] == 0:
+        return
+    total = stats.tokens + x.shape[0]
+    # Keep H an average rather than a sum, so it stays O(|x|^2) however many batches arrive.
+    stats.h *= stats.tokens / total
+    x = x.to(stats.h.device, torch.float32)
+    stats.h.addmm_(x.t(), x, alpha=2 / total)
+    stats.tokens = total
+
+
+def inverse_hessian_factor(h: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + damp I)^-1 (so U^T U = H^-1), damp = percdamp * mean(diag H).
+
+    When H is not numerically positive definite the dampening grows tenfold, a few times.
+    """
+    if not torch.isfinite(h).all():
+        raise LlmpruneError("sparsegpt: the Hessian has non-finite entries (inf or NaN calibration activations)")
+    mean_diag = h.diagonal().mean()
+    fracs = [percdamp] + [max(percdamp, 1e-3) * 10**i for i in range(1, _DAMP_RETRIES + 1)]
+    for attempt, frac in enumerate(fracs):
+        if attempt:
+            log.warning("sparsegpt: Hessian not positive definite with dampening %.3g; retrying with %.3g",
+                        fracs[attempt - 1], frac)
+        damped = h.clone()
+        damped.diagonal().add_(frac * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if info == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if info == 0:
+                return upper
+    raise LlmpruneError(f"sparsegpt: Hessian not positive definite even with dampening {fracs[-1]:.3g}")
+
+
+def _prune_block(w: torch.Tensor, hinv: torch.Tensor, pruned: torch.Tensor, c0: int, c1: int,
+                 sparsity: float, pattern: Pattern) -> None:
+    """Prune columns c0:c1 of float32 ``w`` (out, in) in place; mark them in ``pruned``."""
+    rows = w.shape[0]
+    block = w[:, c0:c1].clone()  # (out, B), updated column by column
+    hb = hinv[c0:c1, c0:c1]  # (B, B) upper triangular
+    d = hb.diagonal()  # (B,)
+    mask = pruned[:, c0:c1]  # view: True = pruned
+    if pattern.kind != "nm":
+        k = prune_count(rows * c1, sparsity) - prune_count(rows * c0, sparsity)
+        mask.copy_(masks.lowest_k((block.square() / d.square()).reshape(-1), k).view_as(mask))
+    err = torch.empty_like(block)
+    for i in range(c1 - c0):
+        if pattern.kind == "nm" and i % pattern.m == 0:
+            # Chosen from the weights as updated so far, as in the reference.
+            group = block[:, i:i + pattern.m].square() / d[i:i + pattern.m].square()
+            mask[:, i:i + pattern.m] = ~masks.n_m(group, pattern.n, pattern.m)
+        col = block[:, i]
+        kept = col.masked_fill(mask[:, i], 0)
+        err[:, i] = (col - kept) / d[i]
+        block[:, i:] -= err[:, i:i + 1] * hb[i:i + 1, i:]  # (out, 1) * (1, B - i)
+        block[:, i] = kept  # pruned weights exactly 0, not w - (w / d) * d
+    w[:, c0:c1] = block
+    w[:, c1:] -= err @ hinv[c0:c1, c1:]  # the block's error, once, onto every later column
+
+
+@torch.no_grad()
+def prune(weight: torch.Tensor, sparsity: float, pattern: Pattern, stats: Hessian | None,
+          norm: str = "l1", *, percdamp: float = 0.01, blocksize: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune ``weight`` (out, in) and update its survivors to keep W X close; input dtype out."""
+    rows, cols = weight.shape
+    if stats is None or stats.tokens == 0:
+        raise LlmpruneError("sparsegpt needs calibration activations, but none reached this layer")
+    if stats.h.shape[0] != cols:
+        raise LlmpruneError(f"sparsegpt: statistics for {stats.h.shape[0]} inputs, the weight has {cols}")
+    if pattern.kind == "nm":
+        if cols % pattern.m:
+            raise LlmpruneError(f"input dimension {cols} is not a multiple of M={pattern.m} for N:M pruning")
+        if blocksize % pattern.m:
+            raise LlmpruneError(f"sparsegpt: blocksize {blocksize} is not a multiple of M={pattern.m}")
+    if sparsity == 0:
+        return weight.clone(), torch.ones_like(weight, dtype=torch.bool)
+
+    h = stats.h.to(weight.device, copy=True)
+    w = weight.to(torch.float32, copy=True)
+    dead = h.diagonal() == 0  # inputs that were always zero: no information, weight irrelevant
+    h.diagonal()[dead] = 1
+    w[:, dead] = 0
+    hinv = inverse_hessian_factor(h, percdamp)
+
+    pruned = torch.zeros(rows, cols, dtype=torch.bool, device=weight.device)
+    for c0 in range(0, cols, blocksize):
+        _prune_block(w, hinv, pruned, c0, min(c0 + blocksize, cols), sparsity, pattern)
+    keep = ~pruned
+    return w.to(weight.dtype).masked_fill_(~keep, 0), keep
