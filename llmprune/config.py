@@ -85,3 +85,54 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LlmpruneError(f"--device {name}: no CUDA device is available")
     return device
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One evaluation run: which model, on which text, run how."""
+
+    model: str
+    data: str = "auto"  # sotu, wikitext2, c4, auto (wikitext2 when cached, else sotu) or a local path
+    seqlen: int = 2048
+    max_windows: int | None = None  # None: every window of the evaluation split
+    batch_size: int | None = None  # None: 1 on CPU, sized to the logits on GPU
+    device: str = "auto"
+    dtype: str | None = None  # None: float32 on CPU, the checkpoint's 16-bit dtype (else bfloat16) on GPU
+    stream: bool | None = None  # None: layer by layer only when the model does not fit in memory
+    revision: str | None = None
+    tasks: tuple[str, ...] = ()  # zero-shot tasks for lm-evaluation-harness, e.g. ("hellaswag", "arc_easy")
+    json_path: str | None = None  # where the JSON report goes
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tasks, str):
+            object.__setattr__(self, "tasks", tuple(t.strip() for t in self.tasks.split(",") if t.strip()))
+        else:
+            object.__setattr__(self, "tasks", tuple(self.tasks))
+        for name, minimum in (("seqlen", 2), ("max_windows", 1), ("batch_size", 1)):
+            value = getattr(self, name)
+            if value is None and name != "seqlen":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise LlmpruneError(f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise LlmpruneError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.device != "auto" and not self.device.startswith(("cpu", "cuda", "mps", "xpu")):
+            raise LlmpruneError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.stream not in (None, True, False):
+            raise LlmpruneError(f"stream must be True, False or None, got {self.stream!r}")
+        if not self.data:
+            raise LlmpruneError("--data must name a dataset (sotu, wikitext2, c4, auto) or a path")
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return DTYPES[self.dtype] if self.dtype else None
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["tasks"] = list(self.tasks)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EvalConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

