@@ -68,21 +68,22 @@ def _order_key(scores: torch.Tensor) -> torch.Tensor | None:
 
 
 def _first_reaching(values: torch.Tensor, k: int) -> tuple[int, int]:
-    """Index of the first bin whose cumulative count reaches k, and the count before it."""
+    """First bin whose cumulative count reaches k, and how many values lie in earlier bins."""
     cum = torch.bincount(values if values.device.type == "cpu" else values.long(),
                          minlength=1).cumsum(0)
     b = int(torch.searchsorted(cum, k))
     return b, int(cum[b - 1]) if b else 0
 
 
-def _kth_key(key: torch.Tensor, k: int) -> int:
-    """The k-th smallest (1-based) of a non-negative integer key, by radix selection."""
+def _kth_key(key: torch.Tensor, k: int) -> tuple[int, int]:
+    """The k-th smallest (1-based) of a non-negative integer key by radix selection, and how
+    many keys are strictly smaller."""
     if key.dtype == torch.int16:
-        return _first_reaching(key, k)[0]
+        return _first_reaching(key, k)
     high = key >> 16
     b, before = _first_reaching(high, k)
-    low = key[high == b] & 0xFFFF
-    return (b << 16) | _first_reaching(low, k - before)[0]
+    low, below = _first_reaching(key[high == b] & 0xFFFF, k - before)
+    return (b << 16) | low, before + below
 
 
 def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -100,12 +101,12 @@ def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     if key is None:
         key = scores
         threshold = torch.kthvalue(scores, k).values
+        below = int(torch.count_nonzero(key < threshold))
     else:
-        threshold = _kth_key(key, k)
+        threshold, below = _kth_key(key, k)
     chosen = key < threshold
-    missing = k - int(chosen.sum())
     tied = torch.nonzero(key == threshold).squeeze(1)
-    chosen[tied[:missing]] = True
+    chosen[tied[: k - below]] = True
     return chosen
 
 
@@ -134,6 +135,19 @@ def n_m(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     keep = torch.ones_like(groups, dtype=torch.bool)
     keep.scatter_(2, order[..., :n], False)
     return keep.reshape(rows, cols)
+
+
+_SAME_WIDTH_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64, 1: torch.int8}
+
+
+def apply(weight: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``weight`` with pruned entries set to +0.0 and survivors bit-identical.
+
+    Multiplying the integer view by the mask is the fastest exact way on CPU, and it never
+    produces -0.0 the way ``weight * keep`` does for negative weights.
+    """
+    bits = weight.view(_SAME_WIDTH_INT[weight.element_size()])
+    return (bits * keep).view(weight.dtype)
 
 
 def select(scores: torch.Tensor, sparsity: float, pattern: Pattern, per_row: bool = False) -> torch.Tensor:

@@ -123,7 +123,7 @@ class PruneStep:
                 weight = as_out_in(out[name], linear)
                 pruned, _ = self.criterion.prune(weight, sparsity, self.pattern, None, self.norm)
                 out[name] = pruned.t() if linear.transposed else pruned
-            self.zeros[name] = int((out[name] == 0).sum())
+            self.zeros[name] = out[name].numel() - int(torch.count_nonzero(out[name]))
         return out
 
 

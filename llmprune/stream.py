@@ -3,7 +3,8 @@
 The model is never materialised whole. Tensors outside the decoder layers are copied through one
 at a time; each decoder layer's tensors are read (the next layer is read ahead on a worker thread
 while the current one is processed), moved to the execution device, handed to the step, and the
-step's output is written to the planned shards. Peak memory is O(two decoder layers).
+step's output is written to the planned shards by another worker. Peak memory is O(three decoder
+layers).
 
 A step is any callable ``step(layer) -> dict[name, tensor]`` over a ``Layer``; steps that need
 the layer as a module (calibration, block-wise fine-tuning) call ``layer.module()``.
@@ -11,7 +12,10 @@ the layer as a module (calibration, block-wise fine-tuning) call ``layer.module(
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -49,6 +53,22 @@ class Layer:
         return materialize(self.layout.layer_module(self.index), state)
 
 
+def return_freed_memory() -> None:
+    """Make glibc give freed tensor buffers back to the system.
+
+    glibc raises its mmap threshold each time a large block is freed, after which buffers of up
+    to 32 MB come from the heap and stay resident when freed: streaming layer after layer then
+    holds several layers' worth of dead memory. A fixed 1 MB threshold keeps it at O(layer).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        log.debug("mallopt unavailable; memory may stay resident after layers are freed")
+
+
 Step = Callable[[Layer], dict[str, torch.Tensor]]
 
 
@@ -78,6 +98,7 @@ def run(checkpoint: Checkpoint, layout: Layout, step: Step, writer: ShardWriter,
         device: torch.device, dtype: torch.dtype | None = None, desc: str = "layers",
         progress: bool = True) -> None:
     """Stream every tensor of ``checkpoint`` through ``step`` (decoder layers) into ``writer``."""
+    return_freed_memory()
     outside, per_layer = group_names(checkpoint, layout)
 
     def convert(t: torch.Tensor) -> torch.Tensor:
@@ -89,13 +110,23 @@ def run(checkpoint: Checkpoint, layout: Layout, step: Step, writer: ShardWriter,
     def read_layer(index: int) -> dict[str, torch.Tensor]:
         return {name: checkpoint.read(name) for name in per_layer[index]}
 
-    with ThreadPoolExecutor(max_workers=1) as reader:
+    def write_layer(out: dict[str, torch.Tensor]) -> None:
+        for name, t in out.items():
+            writer.write(name, convert(t))
+
+    # One worker reads layer i+1 and another writes layer i-1 while layer i is processed: disk
+    # and compute overlap, and at most three layers are in memory.
+    with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writer_pool:
         ahead = reader.submit(read_layer, 0) if per_layer else None
+        written = None
         for index in tqdm(range(layout.num_layers), desc=desc, unit="layer", disable=not progress):
             tensors = ahead.result()
             ahead = reader.submit(read_layer, index + 1) if index + 1 < layout.num_layers else None
             tensors = {n: t.to(device, non_blocking=True) for n, t in tensors.items()}
             out = step(Layer(index, tensors, layout))
-            for name, t in out.items():
-                writer.write(name, convert(t))
+            if written is not None:
+                written.result()
+            written = writer_pool.submit(write_layer, out)
             del tensors, out
+        if written is not None:
+            written.result()

@@ -23,4 +23,4 @@ def prune(weight: torch.Tensor, sparsity: float, pattern: Pattern, stats: object
           norm: str = "l1") -> tuple[torch.Tensor, torch.Tensor]:
     """Zero the lowest-magnitude weights; survivors are returned bit-identical."""
     keep = masks.select(scores(weight, norm), sparsity, pattern)
-    return weight.masked_fill(~keep, 0), keep
+    return masks.apply(weight, keep), keep
