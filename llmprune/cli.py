@@ -43,16 +43,28 @@ def prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, help="fraction of weights to zero, in [0, 1) (implied by N:M)")
     p.add_argument("--output", "-o", help="output folder (default: ./<model>-<method>-<sparsity>)")
     p.add_argument("--revision", help="Hub branch, tag or commit")
-    p.add_argument("--method", default="magnitude", help="pruning criterion (default: magnitude)")
+    p.add_argument("--method", default="magnitude", help="magnitude (default), wanda or sparsegpt")
     p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4")
     p.add_argument("--norm", default="l1", choices=["l1", "l2"], help="norm of a pruned unit's weights")
-    p.add_argument("--ratios", help="YAML/JSON rules file: name pattern -> sparsity, first match wins")
+    p.add_argument("--ratios", help="YAML/JSON rules file (name pattern -> sparsity, first match wins), or owl")
     p.add_argument("--schedule", help="depth schedule, e.g. linear:0.2 (sparsity rises 0.2 from first to last layer)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--dtype", help="output dtype: float32, float16 or bfloat16 (default: the input's)")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or summary")
+    c = p.add_argument_group("calibration (wanda, sparsegpt, --ratios owl)")
+    c.add_argument("--calib-data", default="auto", help="sotu, wikitext2, c4, auto (sotu offline) or a path")
+    c.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    c.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048, capped by the context)")
+    c.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+    c.add_argument("--true-sequential", action="store_true", help="prune a layer's linears group by group in execution order")
+    c.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold: scores above M x the layer mean")
+    c.add_argument("--owl-lambda", type=float, default=0.08, help="OWL spread: layer sparsity within +/- lambda")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--eval", metavar="DATA", help="perplexity of input and output on DATA (sotu, wikitext2, c4, auto or a path)")
+    e.add_argument("--eval-seqlen", type=int, default=2048, help="evaluation window length (default 2048)")
+    e.add_argument("--eval-max-windows", type=int, help="evaluate only the first N windows")
     return p
 
 
@@ -66,6 +78,9 @@ def run_prune(argv: list[str]) -> int:
         model=args.model, sparsity=args.sparsity, output=args.output, revision=args.revision,
         method=args.method, pattern=args.pattern, norm=args.norm, ratios=args.ratios, schedule=args.schedule,
         device=args.device, dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+        calib_data=args.calib_data, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+        true_sequential=args.true_sequential, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
+        eval=args.eval, eval_seqlen=args.eval_seqlen, eval_max_windows=args.eval_max_windows,
     )
     recipe = prune(cfg, command=shlex.join(["llmprune", *argv]), progress=not args.quiet)
     if not args.quiet:
@@ -84,6 +99,12 @@ def summary(recipe: dict) -> str:
         ("matrices pruned", f"{sp['matrices_pruned']} in {len(layers)} decoder layers"),
         ("sparsity", f"{sp['overall']:.4%} achieved, {sp['target_mean']:.4%} targeted"),
         ("per layer", f"min {min(layers):.2%}, max {max(layers):.2%}"),
+    ]
+    if "eval" in recipe:
+        ev = recipe["eval"]
+        rows.append(("perplexity", f"{ev['dense']['perplexity']:.3f} dense -> {ev['pruned']['perplexity']:.3f} pruned "
+                                   f"(x{ev['ratio']:.3f}; {ev['data']}, {ev['windows']} x {ev['seqlen']} tokens)"))
+    rows += [
         ("time", f"{recipe['wall_time_s']:.1f} s on {recipe['device']}"),
         ("peak memory", f"{recipe['peak_rss_mb']:.0f} MB resident"),
         ("output", recipe["output"]),

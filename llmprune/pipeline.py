@@ -24,12 +24,14 @@ import transformers
 from transformers import GenerationConfig
 
 from . import __version__, criteria, hub, ratios
-from .arch import Layout, as_out_in, layout_of, load_config
+from .arch import Layout, Outer, as_out_in, layout_of, load_config
+from .calibrate import CalibratedPruneStep, OutlierStep
 from .checkpoint import Checkpoint, ShardWriter, parse_size, resolve
 from .config import PruneConfig, resolve_device
 from .errors import LlmpruneError
 from .masks import Pattern
-from .stream import Layer, output_specs, run
+from .stream import Activations, Layer, output_specs, run
+from .stream import layers as stream_layers
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,7 @@ def prunable_matrices(source: Source) -> list[ratios.Matrix]:
 def plan_sparsity(cfg: PruneConfig, source: Source) -> dict[str, float]:
     """Target sparsity of every prunable matrix, checked against the pattern."""
     matrices = prunable_matrices(source)
-    rules = ratios.load_rules(cfg.ratios) if cfg.ratios else None
+    rules = ratios.load_rules(cfg.ratios) if cfg.ratios and cfg.ratios != "owl" else None
     schedule = ratios.parse_schedule(cfg.schedule) if cfg.schedule else None
     targets = ratios.assign(matrices, cfg.sparsity, rules, schedule, rules_source=f"ratio file {cfg.ratios}")
     pattern = cfg.parsed_pattern
@@ -207,6 +209,57 @@ def sparsity_summary(source: Source, targets: dict[str, float], zeros: dict[str,
     }
 
 
+CALIB_BATCH = 8  # calibration windows per forward call
+ACTIVATIONS_ON_DEVICE_SHARE = 0.3  # calibration states stay on the GPU within this share of free memory
+
+
+def calibration(cfg: PruneConfig, source: Source, device: torch.device) -> tuple[Outer, torch.Tensor, torch.device]:
+    """The model's embeddings and head, the calibration token windows, and where states are kept."""
+    from transformers import AutoTokenizer
+
+    from . import data
+    from .evaluate import context_length
+
+    context = context_length(source.layout.config)
+    seqlen = min(cfg.seqlen, context) if context else cfg.seqlen
+    tokenizer = AutoTokenizer.from_pretrained(source.folder)
+    ids = data.calibration_samples(tokenizer, cfg.calib_data, cfg.nsamples, seqlen, cfg.seed)
+    outer = Outer(source.layout, source.checkpoint.read, device)
+    store = torch.device("cpu")
+    if device.type == "cuda":
+        hidden = source.layout.config.get_text_config().hidden_size
+        need = ids.numel() * hidden * source.checkpoint.spec(source.checkpoint.names[0]).dtype.itemsize
+        if need < ACTIVATIONS_ON_DEVICE_SHARE * torch.cuda.mem_get_info(device)[0]:
+            store = device
+    log.info("calibration: %d windows of %d tokens from %s, states on %s", *ids.shape, cfg.calib_data, store)
+    return outer, ids, store
+
+
+def owl_targets(cfg: PruneConfig, source: Source, outer: Outer, ids: torch.Tensor, store: torch.device,
+                device: torch.device, progress: bool) -> tuple[dict[str, float], list[float]]:
+    """OWL: a read-only pass over the dense layers measures outliers; ratios follow from them."""
+    step = OutlierStep(Activations(outer, ids, CALIB_BATCH, store), cfg.owl_m)
+    for layer in stream_layers(source.checkpoint, source.layout, device, desc="owl outliers", progress=progress):
+        step(layer)
+    targets = ratios.owl(prunable_matrices(source), cfg.sparsity, step.ratios, cfg.owl_lambda)
+    per_layer = [targets[m.name] for m in prunable_matrices(source)]
+    log.info("owl: layer sparsity from %.3f to %.3f", min(per_layer), max(per_layer))
+    return targets, step.ratios
+
+
+def evaluation_windows(cfg: PruneConfig, source: Source) -> torch.Tensor:
+    from .evaluate import load_windows
+
+    return load_windows(str(source.folder), cfg.eval, cfg.eval_seqlen, cfg.eval_max_windows)
+
+
+def perplexity(folder: Path, windows: torch.Tensor, cfg: PruneConfig, progress: bool) -> dict:
+    from .evaluate import evaluate
+
+    result = evaluate(str(folder), cfg.eval, windows=windows, device=cfg.device, progress=progress)
+    return {"perplexity": result.perplexity, "mode": result.mode, "seconds": round(result.seconds, 2)}
+
+
 def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True) -> dict:
     """Run ``cfg`` end to end; returns the recipe that is also written as llmprune.json."""
     start = time.perf_counter()
@@ -215,7 +268,27 @@ def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True) -
     check_output(output, source.folder, cfg.overwrite)
     targets = plan_sparsity(cfg, source)
     device = resolve_device(cfg.device)
-    step = PruneStep(criteria.get(cfg.method), targets, cfg.parsed_pattern, cfg.norm)
+    criterion = criteria.get(cfg.method)
+    recipe: dict = {"format": "llmprune/1"}
+    windows = evaluation_windows(cfg, source) if cfg.eval else None
+    if windows is not None:
+        dense = perplexity(source.folder, windows, cfg, progress)
+        recipe["eval"] = {"data": cfg.eval, "seqlen": windows.shape[1], "windows": windows.shape[0], "dense": dense}
+
+    if criterion.needs_calibration or cfg.ratios == "owl":
+        outer, ids, store = calibration(cfg, source, device)
+        recipe["calibration"] = {"data": cfg.calib_data, "nsamples": ids.shape[0], "seqlen": ids.shape[1],
+                                 "seed": cfg.seed}
+        if cfg.ratios == "owl":
+            targets, outliers = owl_targets(cfg, source, outer, ids, store, device, progress)
+            recipe["owl"] = {"m": cfg.owl_m, "lambda": cfg.owl_lambda, "outlier_ratios": outliers}
+        if criterion.needs_calibration:
+            acts = Activations(outer, ids, CALIB_BATCH, store)
+            step = CalibratedPruneStep(criterion, targets, cfg.parsed_pattern, cfg.norm, acts, cfg.true_sequential)
+        else:
+            step = PruneStep(criterion, targets, cfg.parsed_pattern, cfg.norm)
+    else:
+        step = PruneStep(criterion, targets, cfg.parsed_pattern, cfg.norm)
     specs = output_specs(source.checkpoint, source.layout, cfg.torch_dtype)
 
     tmp = make_temp_dir(output)
@@ -225,8 +298,11 @@ def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True) -
         run(source.checkpoint, source.layout, step, writer, device, cfg.torch_dtype, desc="prune", progress=progress)
         writer.close()
         copy_aux_files(source.folder, tmp, cfg.torch_dtype)
-        recipe = {
-            "format": "llmprune/1",
+        if windows is not None:
+            pruned = perplexity(tmp, windows, cfg, progress)
+            recipe["eval"]["pruned"] = pruned
+            recipe["eval"]["ratio"] = pruned["perplexity"] / recipe["eval"]["dense"]["perplexity"]
+        recipe.update({
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": command,
             "input": {**source.info, "shards": source.checkpoint.fingerprint()},
@@ -234,7 +310,7 @@ def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True) -
             "versions": versions(),
             "device": str(device),
             "sparsity": sparsity_summary(source, targets, step.zeros),
-        }
+        })
         recipe["wall_time_s"] = round(time.perf_counter() - start, 3)
         recipe["peak_rss_mb"] = round(peak_rss_mb(), 1)
         (tmp / "llmprune.json").write_text(json.dumps(recipe, indent=2) + "\n")

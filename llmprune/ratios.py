@@ -151,3 +151,20 @@ def assign(matrices: list[Matrix], sparsity: float, rules: list[Rule] | None = N
     else:
         chosen.update({m.name: sparsity for m in rest})
     return chosen
+
+
+def owl(matrices: list[Matrix], sparsity: float, outlier_ratios: list[float], lam: float) -> dict[str, float]:
+    """OWL (Yin et al., 2024): layers with more outliers are pruned less.
+
+    Each layer's outlier ratio is min-max scaled to [0, 2 * lam]; its sparsity is ``sparsity``
+    minus that value plus the parameter-weighted mean of the scaled values, so layers span
+    ``sparsity`` +/- ``lam`` and the parameter-weighted mean stays ``sparsity``.
+    """
+    lo, hi = min(outlier_ratios), max(outlier_ratios)
+    scaled = [(r - lo) / (hi - lo) * 2 * lam if hi > lo else 0.0 for r in outlier_ratios]
+    numel = [0] * len(outlier_ratios)
+    for m in matrices:
+        numel[m.layer] += m.numel
+    centre = sum(s * n for s, n in zip(scaled, numel)) / sum(numel)
+    layer_sparsity = [min(max(sparsity - s + centre, 0.0), 0.99) for s in scaled]
+    return {m.name: layer_sparsity[m.layer] for m in matrices}

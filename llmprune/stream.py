@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import Layout, Linear, materialize
+from .arch import LayerCalls, Layout, Linear, Outer, materialize
 from .checkpoint import Checkpoint, ShardWriter, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -94,39 +94,86 @@ def output_specs(checkpoint: Checkpoint, layout: Layout, dtype: torch.dtype | No
     return specs
 
 
-def run(checkpoint: Checkpoint, layout: Layout, step: Step, writer: ShardWriter,
-        device: torch.device, dtype: torch.dtype | None = None, desc: str = "layers",
-        progress: bool = True) -> None:
-    """Stream every tensor of ``checkpoint`` through ``step`` (decoder layers) into ``writer``."""
-    return_freed_memory()
-    outside, per_layer = group_names(checkpoint, layout)
-
-    def convert(t: torch.Tensor) -> torch.Tensor:
-        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
-
-    for name in outside:
-        writer.write(name, convert(checkpoint.read(name)))
+def layers(checkpoint: Checkpoint, layout: Layout, device: torch.device, dtype: torch.dtype | None = None,
+           desc: str = "layers", progress: bool = True, per_layer: list[list[str]] | None = None) -> Iterator[Layer]:
+    """Each decoder layer in turn on ``device``, the next one read ahead on a worker thread."""
+    if per_layer is None:
+        per_layer = group_names(checkpoint, layout)[1]
 
     def read_layer(index: int) -> dict[str, torch.Tensor]:
-        return {name: checkpoint.read(name) for name in per_layer[index]}
+        return {name: _convert(checkpoint.read(name), dtype) for name in per_layer[index]}
 
-    def write_layer(out: dict[str, torch.Tensor]) -> None:
-        for name, t in out.items():
-            writer.write(name, convert(t))
-
-    # One worker reads layer i+1 and another writes layer i-1 while layer i is processed: disk
-    # and compute overlap, and at most three layers are in memory.
-    with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writer_pool:
+    with ThreadPoolExecutor(max_workers=1) as reader:
         ahead = reader.submit(read_layer, 0) if per_layer else None
-        written = None
         for index in tqdm(range(layout.num_layers), desc=desc, unit="layer", disable=not progress):
             tensors = ahead.result()
             ahead = reader.submit(read_layer, index + 1) if index + 1 < layout.num_layers else None
-            tensors = {n: t.to(device, non_blocking=True) for n, t in tensors.items()}
-            out = step(Layer(index, tensors, layout))
+            yield Layer(index, {n: t.to(device, non_blocking=True) for n, t in tensors.items()}, layout)
+            del tensors
+
+
+def _convert(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+def run(checkpoint: Checkpoint, layout: Layout, step: Step, writer: ShardWriter,
+        device: torch.device, dtype: torch.dtype | None = None, desc: str = "layers",
+        progress: bool = True) -> None:
+    """Stream every tensor of ``checkpoint`` through ``step`` (decoder layers) into ``writer``.
+
+    Layers are processed in the checkpoint's dtype and converted to ``dtype`` when written.
+    """
+    return_freed_memory()
+    outside, per_layer = group_names(checkpoint, layout)
+    for name in outside:
+        writer.write(name, _convert(checkpoint.read(name), dtype))
+
+    def write_layer(out: dict[str, torch.Tensor]) -> None:
+        for name, t in out.items():
+            writer.write(name, _convert(t, dtype))
+
+    # A worker writes layer i-1 while layer i is processed (and ``layers`` reads i+1): disk and
+    # compute overlap, and at most three layers are in memory.
+    with ThreadPoolExecutor(max_workers=1) as writer_pool:
+        written = None
+        for layer in layers(checkpoint, layout, device, None, desc, progress, per_layer):
+            out = step(layer)
             if written is not None:
                 written.result()
             written = writer_pool.submit(write_layer, out)
-            del tensors, out
+            del layer, out
         if written is not None:
             written.result()
+
+
+class Activations:
+    """Hidden states entering the current decoder layer for a set of token windows.
+
+    Kept in chunks of ``batch_size`` windows on ``store`` (the CPU when the device is small),
+    with what the model passes each layer (masks, positions, rotary tables) captured once per
+    chunk size. ``forward`` runs every chunk through a layer (for statistics hooks);
+    ``advance`` replaces the states with that layer's outputs, for the next layer.
+    """
+
+    def __init__(self, outer: Outer, ids: torch.Tensor, batch_size: int, store: torch.device):
+        self.device, self.store = outer.device, store
+        self.hidden: list[torch.Tensor] = []
+        self.calls: dict[int, LayerCalls] = {}
+        for chunk in ids.split(batch_size):
+            first, calls = outer.layer_inputs(chunk)
+            self.calls.setdefault(chunk.shape[0], calls)
+            self.hidden.append(first.to(store))
+
+    @property
+    def tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+    @torch.no_grad()
+    def forward(self, module: nn.Module, index: int, chunks: int | None = None) -> None:
+        for h in self.hidden[:chunks]:
+            self.calls[h.shape[0]].run(module, index, h.to(self.device))
+
+    @torch.no_grad()
+    def advance(self, module: nn.Module, index: int) -> None:
+        self.hidden = [self.calls[h.shape[0]].run(module, index, h.to(self.device)).to(self.store)
+                       for h in self.hidden]

@@ -1,0 +1,133 @@
+"""Calibration-aware pruning over the layer stream, and the OWL pre-pass.
+
+Sequential propagation (SparseGPT / Wanda): the calibration windows' hidden states entering
+layer 0 are captured once; then for each decoder layer, as the engine streams it: hooks on its
+linears feed their inputs to the criterion's statistics while the states run through the layer,
+the linears are pruned in place, and the states run through the pruned layer again to become the
+next layer's inputs. With ``true_sequential`` the linears are pruned group by group in execution
+order (e.g. q/k/v, then o, then gate/up, then down), each group's statistics seeing the earlier
+groups already pruned. Memory is O(one layer + calibration activations).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from .arch import Linear, as_out_in
+from .criteria import wanda
+from .masks import Pattern
+from .stream import Activations, Layer
+
+log = logging.getLogger(__name__)
+
+
+def _hooks(module: nn.Module, linears: dict[str, tuple[Linear, nn.Module]], fn) -> list:
+    """Forward hooks calling ``fn(name, x)`` with each listed linear's input ``x`` (..., in)."""
+    return [sub.register_forward_hook(lambda m, args, out, name=name: fn(name, args[0]))
+            for name, (_, sub) in linears.items()]
+
+
+def input_groups(module: nn.Module, index: int, acts: Activations,
+                 linears: dict[str, tuple[Linear, nn.Module]]) -> list[list[str]]:
+    """The layer's linears in execution order, grouped by shared input (q/k/v read one tensor)."""
+    seen: list[tuple[str, int]] = []
+    handles = _hooks(module, linears, lambda name, x: seen.append((name, x.data_ptr())))
+    try:
+        acts.forward(module, index, chunks=1)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    last_ptr = None
+    for name, ptr in seen:
+        if any(name in g for g in groups):
+            continue
+        if groups and ptr == last_ptr:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_ptr = ptr
+    return groups
+
+
+def collect_stats(criterion: ModuleType, module: nn.Module, index: int, acts: Activations,
+                  linears: dict[str, tuple[Linear, nn.Module]]) -> dict[str, object]:
+    """Run the calibration states through the layer, accumulating each linear's statistics."""
+    stats = {name: criterion.init_stats(as_out_in(sub.weight, lin)) for name, (lin, sub) in linears.items()}
+    handles = _hooks(module, linears, lambda name, x: criterion.accumulate(stats[name], x.reshape(-1, x.shape[-1])))
+    try:
+        acts.forward(module, index)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+@dataclass
+class CalibratedPruneStep:
+    """The engine step for criteria that need activations (Wanda, SparseGPT)."""
+
+    criterion: ModuleType
+    targets: dict[str, float]
+    pattern: Pattern
+    norm: str
+    acts: Activations
+    true_sequential: bool = False
+    zeros: dict[str, int] = field(default_factory=dict)
+
+    @torch.no_grad()
+    def __call__(self, layer: Layer) -> dict[str, torch.Tensor]:
+        module = layer.module()  # shares storage with layer.tensors: pruning in place updates both
+        linears = {name: (lin, module.get_submodule(lin.name)) for lin, name in layer.linears()}
+        todo = [n for n in linears if self.targets.get(n, 0.0) > 0]
+        groups = input_groups(module, layer.index, self.acts, linears) if self.true_sequential else [todo]
+        for group in groups:
+            group = {n: linears[n] for n in group if n in todo}
+            if not group:
+                continue
+            stats = collect_stats(self.criterion, module, layer.index, self.acts, group)
+            for name, (lin, sub) in group.items():
+                weight = as_out_in(sub.weight, lin)
+                pruned, _ = self.criterion.prune(weight, self.targets[name], self.pattern, stats.pop(name), self.norm)
+                weight.copy_(pruned)
+        self.acts.advance(module, layer.index)
+        for name in linears:
+            t = layer.tensors[name]
+            self.zeros[name] = t.numel() - int(torch.count_nonzero(t))
+        return layer.tensors
+
+
+@dataclass
+class OutlierStep:
+    """OWL pre-pass step: each dense layer's share of outlier Wanda scores; writes nothing.
+
+    The share is over all the layer's prunable weights together: scores above ``m`` times their
+    mean (OWL's layerwise outlier distribution, M = 5 by default).
+    """
+
+    acts: Activations
+    m: float = 5.0
+    ratios: list[float] = field(default_factory=list)
+
+    @torch.no_grad()
+    def __call__(self, layer: Layer) -> None:
+        module = layer.module()
+        linears = {name: (lin, module.get_submodule(lin.name)) for lin, name in layer.linears()}
+        stats = collect_stats(wanda, module, layer.index, self.acts, linears)
+        above = total = 0
+        score_sum = 0.0
+        scores = {}
+        for name, (lin, sub) in linears.items():
+            scores[name] = wanda.scores(as_out_in(sub.weight, lin), stats[name])
+            score_sum += float(scores[name].sum(dtype=torch.float64))
+            total += scores[name].numel()
+        mean = score_sum / total
+        for s in scores.values():
+            above += int(torch.count_nonzero(s > self.m * mean))
+        self.ratios.append(above / total)
+        self.acts.advance(module, layer.index)

