@@ -140,11 +140,12 @@ def check_seqlen(config, seqlen: int) -> None:
 def check_windows(windows: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
     """Windows as an (n, T) int64 CPU tensor of token ids the model's embedding can look up."""
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
-        raise LlmpruneError(f"windows must be an (n, seqlen) tensor with n >= 1 and seqlen >= 2, got {tuple(windows.shape)}")
+        raise LlmpruneError(f"windows must be an (n, seqlen) tensor, n >= 1, seqlen >= 2; got {tuple(windows.shape)}")
     if windows.dtype.is_floating_point or windows.dtype == torch.bool:
         raise LlmpruneError(f"windows must hold integer token ids, got {windows.dtype}")
-    if vocab_size is not None and (int(windows.max()) >= vocab_size or int(windows.min()) < 0):
-        raise LlmpruneError(f"token ids must lie in [0, {vocab_size}), the model's vocabulary; got up to {int(windows.max())}")
+    low, top = int(windows.min()), int(windows.max())
+    if vocab_size is not None and (top >= vocab_size or low < 0):
+        raise LlmpruneError(f"token ids must lie in [0, {vocab_size}), the model's vocabulary; got [{low}, {top}]")
     return windows.to("cpu", torch.long)
 
 
@@ -228,10 +229,10 @@ def auto_batch_size(device: torch.device, seqlen: int, vocab_size: int) -> int:
     return max(1, min(MAX_AUTO_BATCH, BATCH_LOGITS_BYTES // (seqlen * vocab_size * 2)))
 
 
-def evaluate(model, data: str = "auto", seqlen: int = 2048, *, windows: torch.Tensor | None = None,
-             max_windows: int | None = None, batch_size: int | None = None, device: str = "auto",
-             dtype: str | torch.dtype | None = None, stream: bool | None = None, revision: str | None = None,
-             progress: bool = True) -> EvalResult:
+def evaluate(model: str | os.PathLike | torch.nn.Module, data: str = "auto", seqlen: int = 2048, *,
+             windows: torch.Tensor | None = None, max_windows: int | None = None, batch_size: int | None = None,
+             device: str = "auto", dtype: str | torch.dtype | None = None, stream: bool | None = None,
+             revision: str | None = None, progress: bool = True) -> EvalResult:
     """Perplexity of ``model`` (a folder, Hub id, ``packaged:smollm2``, or a loaded ``PreTrainedModel``).
 
     ``windows``: precomputed (n, T) token ids (from ``load_windows``); ``data``, ``seqlen`` and
@@ -260,7 +261,8 @@ def evaluate(model, data: str = "auto", seqlen: int = 2048, *, windows: torch.Te
             needed, free = weight_bytes(source.checkpoint, torch_dtype), available_memory(target)
             stream = choose_stream(needed, free)
             log.info("%s mode: weights %.2f GB at %s, %s available on %s", "streamed" if stream else "whole-model",
-                     needed / 1e9, _dtype_name(torch_dtype), "unknown" if free is None else f"{free / 1e9:.2f} GB", target)
+                     needed / 1e9, _dtype_name(torch_dtype), "unknown" if free is None else f"{free / 1e9:.2f} GB",
+                     target)
         batch = batch_size or auto_batch_size(target, windows.shape[1], config.vocab_size)
         if stream:
             total = _streamed_nll(source, windows, batch, target, torch_dtype, progress)
@@ -277,11 +279,12 @@ def _evaluate_loaded(model, data, seqlen, windows, max_windows, batch_size, prog
     start = time.perf_counter()
     config = model.config
     if windows is None:
-        folder = Path(getattr(config, "_name_or_path", "") or "")
-        if not (folder / "config.json").is_file():
-            raise LlmpruneError("pass windows= (from load_windows) to evaluate a model that was not loaded from a folder")
+        folder = getattr(config, "_name_or_path", "")
+        if not folder or not (Path(folder) / "config.json").is_file():
+            raise LlmpruneError("pass windows= (from load_windows) for a model that was not loaded from a folder")
+        data = data_sources.resolve_source(data)
         check_seqlen(config, seqlen)
-        windows = _tokenised_windows(folder, data, seqlen, max_windows)
+        windows = _tokenised_windows(Path(folder), data, seqlen, max_windows)
     else:
         check_seqlen(config, windows.shape[-1])
     windows = check_windows(windows, getattr(config, "vocab_size", None))
@@ -310,11 +313,17 @@ def _result(model: str, data: str, windows: torch.Tensor, total: torch.Tensor, m
 def _whole_nll(folder: Path, windows: torch.Tensor, batch: int, device: torch.device, dtype: torch.dtype,
                progress: bool) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar per tensor loaded is noise next to the evaluation's own
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map=str(device))
     except Exception as err:  # corrupt shards, unsupported architecture, out of memory, ...
         raise LlmpruneError(f"cannot load the model in {folder}: {_one_line(err)}") from None
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     model.eval()
     return _forward_nll(model, windows, batch, device, progress)
 
@@ -345,13 +354,13 @@ def _streamed_nll(source, windows: torch.Tensor, batch: int, device: torch.devic
 
     # Layer 0's input for every batch, plus what the model passes each layer for that batch shape
     # (masks, positions, rotary tables): small next to the hidden states.
-    hidden, calls = [], []
+    hidden, calls, park = [], [], None
     for ids in batches:
-        first, batch_calls = outer.layer_inputs(ids)
-        hidden.append(first)
+        first, batch_calls = outer.layer_inputs(ids)  # (B, T, C)
+        if park is None:
+            park = _parking(device, first.nbytes * len(windows) // len(ids))
+        hidden.append(first.to(park))
         calls.append(batch_calls)
-    park = _parking(device, hidden)
-    hidden = [h.to(park) for h in hidden]  # each (B, T, C)
 
     def read_layer(index: int) -> dict[str, torch.Tensor]:
         return {n: _cast(checkpoint.read(n), dtype) for n in per_layer[index]}
@@ -375,13 +384,11 @@ def _streamed_nll(source, windows: torch.Tensor, batch: int, device: torch.devic
     return total.cpu()
 
 
-def _parking(device: torch.device, hidden: list[torch.Tensor]) -> torch.device:
-    """Where hidden states wait between layers: the device when they fit its share, else the CPU."""
+def _parking(device: torch.device, needed: int) -> torch.device:
+    """Where ``needed`` bytes of hidden states wait between layers: the device when they fit its share, else the CPU."""
     if device.type != "cuda":
         return device
-    needed = sum(h.numel() * h.element_size() for h in hidden)
-    free = torch.cuda.mem_get_info(device)[0] + needed  # they already sit on the device
-    return device if needed <= HIDDEN_ON_DEVICE_SHARE * free else torch.device("cpu")
+    return device if needed <= HIDDEN_ON_DEVICE_SHARE * torch.cuda.mem_get_info(device)[0] else torch.device("cpu")
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
