@@ -100,16 +100,17 @@ def _prune_block(w: torch.Tensor, hinv: torch.Tensor, pruned: torch.Tensor, c0: 
         k = prune_count(rows * c1, sparsity) - prune_count(rows * c0, sparsity)
         mask.copy_(masks.lowest_k((block.square() / d.square()).reshape(-1), k).view_as(mask))
     err = torch.empty_like(block)
+    # Five in-place or (out,)-sized ops per column: on CPU the per-op overhead dominates.
     for i in range(c1 - c0):
         if pattern.kind == "nm" and i % pattern.m == 0:
             # Chosen from the weights as updated so far, as in the reference.
             group = block[:, i:i + pattern.m].square() / d[i:i + pattern.m].square()
             mask[:, i:i + pattern.m] = ~masks.n_m(group, pattern.n, pattern.m)
-        col = block[:, i]
-        kept = col.masked_fill(mask[:, i], 0)
-        err[:, i] = (col - kept) / d[i]
-        block[:, i:] -= err[:, i:i + 1] * hb[i:i + 1, i:]  # (out, 1) * (1, B - i)
-        block[:, i] = kept  # pruned weights exactly 0, not w - (w / d) * d
+        e = err[:, i]
+        torch.mul(block[:, i], mask[:, i], out=e)
+        e /= d[i]  # (out,): the pruned part of column i, scaled by the inverse Hessian
+        block[:, i:].addr_(e, hb[i, i:], alpha=-1)  # OBS update of this and later columns
+        block[:, i].masked_fill_(mask[:, i], 0)  # pruned weights exactly 0, not w - (w / d) * d
     w[:, c0:c1] = block
     w[:, c1:] -= err @ hinv[c0:c1, c1:]  # the block's error, once, onto every later column
 
