@@ -33,6 +33,25 @@ def _layer_table(recipe: dict) -> str:
     return "\n".join(rows)
 
 
+def _eval_section(recipe: dict) -> list[str]:
+    """Dense vs pruned perplexity, when the run measured it."""
+    ev = recipe.get("eval")
+    if not ev or "pruned" not in ev:
+        return []
+    return [
+        "## Perplexity",
+        "",
+        f"On `{ev['data']}`, {ev['windows']} windows of {ev['seqlen']} tokens (lower is better):",
+        "",
+        "| model | perplexity |",
+        "|---|---:|",
+        f"| dense (input) | {ev['dense']['perplexity']:.3f} |",
+        f"| pruned (this model) | {ev['pruned']['perplexity']:.3f} |",
+        f"| ratio | {ev['ratio']:.3f} |",
+        "",
+    ]
+
+
 def model_card(recipe: dict, base_model: str | None, input_meta: dict) -> str:
     """README.md for an output folder: Hub metadata, the recipe, per-layer sparsity, the command."""
     cfg = recipe["config"]
@@ -63,13 +82,17 @@ def model_card(recipe: dict, base_model: str | None, input_meta: dict) -> str:
         "| option | value |",
         "|---|---|",
     ]
-    for key in ("method", "pattern", "norm", "sparsity", "ratios", "schedule", "dtype"):
+    for key in ("method", "pattern", "norm", "sparsity", "ratios", "schedule", "dtype", "true_sequential"):
         if cfg.get(key) is not None:
             lines.append(f"| {key} | {cfg[key]} |")
+    if "calibration" in recipe:
+        c = recipe["calibration"]
+        lines.append(f"| calibration | {c['nsamples']} x {c['seqlen']} tokens of {c['data']}, seed {c['seed']} |")
     lines += [
         f"| matrices pruned | {recipe['sparsity']['matrices_pruned']} |",
         f"| overall sparsity (pruned matrices) | {overall:.4%} |",
         "",
+        *_eval_section(recipe),
         "## Sparsity per decoder layer",
         "",
         _layer_table(recipe),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,31 @@ def tree_hash(folder: Path) -> str:
             h.update(str(path.relative_to(folder)).encode())
             h.update(path.read_bytes())
     return h.hexdigest()
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+@pytest.fixture(scope="session")
+def calib_text(tmp_path_factory):
+    """A local corpus long enough for a few 64-token windows."""
+    from llmprune.data import load_texts
+
+    folder = tmp_path_factory.mktemp("corpus")
+    for i, text in enumerate(load_texts("sotu", "calib")[:3]):
+        (folder / f"{i}.txt").write_text(text)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_with_tokenizer(tmp_path_factory):
+    """A tiny Llama that shares SmolLM2's tokenizer, so calibration text can be tokenised."""
+    from conftest import build_tiny
+    from llmprune.packaged import smollm2_checkpoint
+
+    smol = smollm2_checkpoint()
+    folder = build_tiny("llama", tmp_path_factory.mktemp("tok") / "llama", vocab_size=49152, tie_word_embeddings=True,
+                        shard="100MB")
+    for name in TOKENIZER_FILES:
+        shutil.copy(smol / name, folder / name)
+    return folder

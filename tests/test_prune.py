@@ -133,3 +133,25 @@ def test_model_card_parses(tiny_models, tmp_path):
     assert {"pruned", "sparse", "llmprune"} <= set(card.data.tags)
     assert card.data.library_name == "transformers"
     assert "4:8" in card.text and "llmprune" in card.text and "--pattern 4:8" in card.text
+
+
+def test_eval_measures_input_and_output_on_the_same_windows(tiny_with_tokenizer, calib_text, tmp_path, capsys):
+    from huggingface_hub import ModelCard
+
+    from llmprune.evaluate import evaluate, load_windows
+
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert run_cli(tiny_with_tokenizer, "--sparsity", "0.5", "-o", out, "--eval", calib_text, "--eval-seqlen", "32",
+                   "--eval-max-windows", "3") == 0
+    summary = capsys.readouterr().out
+    ev = json.loads((out / "llmprune.json").read_text())["eval"]
+    assert ev["windows"] == 3 and ev["seqlen"] == 32
+    windows = load_windows(str(tiny_with_tokenizer), str(calib_text), 32, 3)
+    dense = evaluate(str(tiny_with_tokenizer), windows=windows, progress=False).perplexity
+    pruned = evaluate(str(out), windows=windows, progress=False).perplexity
+    assert ev["dense"]["perplexity"] == pytest.approx(dense, rel=1e-6)
+    assert ev["pruned"]["perplexity"] == pytest.approx(pruned, rel=1e-6)
+    assert ev["ratio"] == pytest.approx(pruned / dense, rel=1e-6)
+    assert f"{dense:.3f} dense -> {pruned:.3f} pruned" in summary
+    assert f"| pruned (this model) | {pruned:.3f} |" in ModelCard.load(out / "README.md").text
