@@ -58,6 +58,11 @@ class Layout:
         """The meta-device module of decoder layer ``index`` (shared; copy before materialising)."""
         return self._layers[index]
 
+    def linear_names(self, index: int) -> list[tuple[Linear, str]]:
+        """Layer ``index``'s prunable matrices with their checkpoint tensor names."""
+        prefix = self.layer_prefix(index)
+        return [(linear, self.checkpoint_name(prefix + linear.weight)) for linear in self.linears[index]]
+
     def checkpoint_name(self, model_name: str) -> str:
         if self.prefix_to_strip and model_name.startswith(self.prefix_to_strip):
             return model_name[len(self.prefix_to_strip):]

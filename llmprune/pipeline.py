@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import resource
@@ -68,14 +69,9 @@ def open_source(model: str, revision: str | None = None) -> Source:
 def prunable_matrices(source: Source) -> list[ratios.Matrix]:
     out = []
     for index in range(source.layout.num_layers):
-        prefix = source.layout.layer_prefix(index)
-        for linear in source.layout.linears[index]:
-            name = source.layout.checkpoint_name(prefix + linear.weight)
+        for _, name in source.layout.linear_names(index):
             if name in source.checkpoint.location:
-                numel = 1
-                for d in source.checkpoint.spec(name).shape:
-                    numel *= d
-                out.append(ratios.Matrix(name, numel, index))
+                out.append(ratios.Matrix(name, math.prod(source.checkpoint.spec(name).shape), index))
     return out
 
 
@@ -97,9 +93,7 @@ def plan_sparsity(cfg: PruneConfig, source: Source) -> dict[str, float]:
 def check_n_m_shapes(source: Source, pattern: Pattern, targets: dict[str, float]) -> None:
     """Refuse before writing anything when an input dimension is not a multiple of M."""
     for index in range(source.layout.num_layers):
-        prefix = source.layout.layer_prefix(index)
-        for linear in source.layout.linears[index]:
-            name = source.layout.checkpoint_name(prefix + linear.weight)
+        for linear, name in source.layout.linear_names(index):
             if targets.get(name):
                 shape = source.checkpoint.spec(name).shape
                 fan_in = shape[0] if linear.transposed else shape[1]

@@ -40,9 +40,7 @@ class Layer:
 
     def linears(self) -> Iterator[tuple[Linear, str]]:
         """The prunable matrices of this layer with their checkpoint names."""
-        prefix = self.layout.layer_prefix(self.index)
-        for linear in self.layout.linears[self.index]:
-            name = self.layout.checkpoint_name(prefix + linear.weight)
+        for linear, name in self.layout.linear_names(self.index):
             if name in self.tensors:
                 yield linear, name
 
