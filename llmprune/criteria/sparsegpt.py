@@ -83,7 +83,10 @@ def inverse_hessian_factor(h: torch.Tensor, percdamp: float) -> torch.Tensor:
         damped.diagonal().add_(frac * mean_diag)
         lower, info = torch.linalg.cholesky_ex(damped)
         if info == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            # H^-1 = L^-T L^-1; torch.cholesky_inverse is ~30x slower on the CPU (LAPACK potri).
+            lower_inv = torch.linalg.solve_triangular(lower, torch.eye(len(h), device=h.device, dtype=h.dtype),
+                                                      upper=False)
+            upper, info = torch.linalg.cholesky_ex(lower_inv.t() @ lower_inv, upper=True)
             if info == 0:
                 return upper
     raise LlmpruneError(f"sparsegpt: Hessian not positive definite even with dampening {fracs[-1]:.3g}")
