@@ -40,8 +40,6 @@ RUNS = [  # (label, method, pattern, sparsity, extra flags)
     ("sparsegpt 2:4", "sparsegpt", "2:4", None, []),
     ("wanda 70% uniform", "wanda", "unstructured", 0.7, []),
     ("wanda 70% owl", "wanda", "unstructured", 0.7, ["--ratios", "owl"]),
-    ("magnitude 70% uniform", "magnitude", "unstructured", 0.7, []),
-    ("magnitude 70% owl", "magnitude", "unstructured", 0.7, ["--ratios", "owl"]),
 ]
 PEER = [("wanda", "unstructured"), ("sparsegpt", "unstructured"), ("wanda", "2:4"), ("sparsegpt", "2:4")]
 
@@ -66,11 +64,31 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/llmprune-quality")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--ours", action="store_true", help="only llmprune's runs (write eval/quality-llmprune.json)")
+    ap.add_argument("--peer-dir", help="evaluate llm-compressor outputs already made in DIR/<method>-<pattern> "
+                                       "(with DIR/<method>-<pattern>.log ending in the peer's JSON line) instead of rerunning")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model = smollm2_checkpoint()
-    rows = [{"label": "dense", "tool": "-", "perplexity": perplexity(model, work)}]
+    rows = []
+    if args.peer_dir:
+        rows = json.loads((ROOT / "eval" / "quality-llmprune.json").read_text())
+        for method, pattern in PEER:
+            out = Path(args.peer_dir) / f"{method}-{pattern.replace(':', 'of')}"
+            log = out.with_suffix(".log")
+            if not (out / "model.safetensors").exists() or not log.exists():
+                print(f"skipping {out}: not there", flush=True)
+                continue
+            report = json.loads([ln for ln in log.read_text().splitlines() if ln.startswith('{"tool"')][-1])
+            rows.append({"label": f"{method} {'50%' if pattern == 'unstructured' else pattern}", "tool": "llmcompressor",
+                         "version": report["version"], "method": method, "pattern": pattern,
+                         "sparsity": report["sparsity"], "oneshot_s": round(report["seconds"], 1),
+                         "perplexity": perplexity(out, work)})
+            print(json.dumps(rows[-1]), flush=True)
+        write_table(rows)
+        return
+    rows.append({"label": "dense", "tool": "-", "perplexity": perplexity(model, work)})
     print(json.dumps(rows[-1]), flush=True)
 
     for label, method, pattern, sparsity, extra in RUNS:
@@ -87,6 +105,10 @@ def main() -> None:
                      "perplexity": perplexity(out, work)})
         print(json.dumps(rows[-1]), flush=True)
 
+    if args.ours:
+        (ROOT / "eval" / "quality-llmprune.json").write_text(json.dumps(rows, indent=2) + "\n")
+        write_table(rows)
+        return
     peer_python = ROOT / ".venv-peer" / "bin" / "python"
     if not args.no_peer and peer_python.exists():
         tok = AutoTokenizer.from_pretrained(model)
@@ -104,6 +126,10 @@ def main() -> None:
                          "perplexity": perplexity(out, work)})
             print(json.dumps(rows[-1]), flush=True)
 
+    write_table(rows)
+
+
+def write_table(rows: list[dict]) -> None:
     (ROOT / "eval" / "quality.json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = ["| run | tool | sparsity | perplexity | wall s (whole process) | llm-compressor oneshot s |",
              "|---|---|---:|---:|---:|---:|"]
