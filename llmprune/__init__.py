@@ -24,3 +24,13 @@ from . import evaluate as _evaluate_module  # noqa: E402
 def evaluate(config, **kwargs):
     """Perplexity (and zero-shot tasks) per a :class:`llmprune.config.EvalConfig`; returns an EvalResult."""
     return _evaluate_module.run(config, **kwargs)
+
+
+# Same reason as for `evaluate` above: bind the submodule first so that the function keeps the name.
+from . import finetune as _finetune_module  # noqa: E402
+
+
+def finetune(config, **kwargs):
+    """Fine-tune a pruned model per a :class:`llmprune.config.FinetuneConfig`, keeping its sparsity exactly;
+    returns the recipe (llmprune.json)."""
+    return _finetune_module.finetune(config, **kwargs)

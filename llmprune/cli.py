@@ -182,7 +182,126 @@ def eval_summary(result: "EvalResult") -> str:
     return "\n".join(f"{k:>{width}}  {v}" for k, v in rows)
 
 
-COMMANDS = {"prune": run_prune, "eval": run_eval}
+FINETUNE_EXAMPLES = """examples:
+  llmprune finetune ./smollm2-magnitude-50 --output ./smollm2-magnitude-50-ft --steps 100
+  llmprune finetune ./my-model-wanda-50 -o ./ft --optim adamw8bit --lr 1e-4 --eval sotu --eval-max-windows 16
+  llmprune finetune ./big-model-2of4 -o ./ft --mode blockwise --steps 50 --dense meta-llama/Llama-2-70b-hf
+  accelerate launch --num_processes 2 -m llmprune.cli finetune ./my-model-wanda-50 -o ./ft
+
+The mask is where each decoder-layer linear weight is nonzero in the input; it is kept exactly:
+pruned weights stay zero, the others stay nonzero. whole mode trains the model on next-token loss
+(under accelerate launch / torchrun with DDP); blockwise trains each decoder layer in turn, on the
+layer stream, to reproduce the dense model's layer (--dense, default: the input recorded in
+llmprune.json), and is chosen by --mode auto when whole-model training does not fit in memory.
+--data defaults to the calibration source the input was pruned with (sotu offline).
+"""
+
+
+def add_finetune_options(group, prefix: str = "") -> None:
+    """The training options of a fine-tune; ``prefix`` "finetune-" names them for the prune command."""
+    def opt(name: str, *aliases: str, **kwargs) -> None:
+        group.add_argument(f"--{prefix}{name}", *aliases, dest=f"{prefix}{name}".replace("-", "_"), **kwargs)
+
+    alias = (lambda name: (f"--finetune-{name}",)) if not prefix else (lambda name: ())
+    opt("steps", *alias("steps"), type=int, default=100 if not prefix else 0,
+        help="optimiser steps (block-wise: per decoder layer); 0 disables")
+    opt("mode", *alias("mode"), default="auto", help="whole, blockwise, auto (whole when training fits in memory)")
+    opt("data", *alias("data"), help="training text: sotu, wikitext2, c4, auto or a path (default: the calibration source)")
+    opt("nsamples", type=int, help="training windows (default: steps x batch x accum; block-wise: 64)")
+    opt("seqlen", type=int, default=512, help="tokens per training window (default 512)")
+    opt("batch-size", type=int, default=4, help="windows per micro-batch, over all processes (default 4)")
+    opt("grad-accum", type=int, default=1, help="micro-batches per optimiser step (default 1)")
+    opt("lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
+    opt("warmup", type=int, help="linear warm-up steps before the cosine decay (default: a tenth of the steps)")
+    opt("weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    opt("max-grad-norm", type=float, default=1.0, help="gradient clipping norm, 0 disables (default 1)")
+    opt("optim", default="adamw", help="adamw (default) or adamw8bit (bitsandbytes)")
+    opt("train-norms", action="store_true", help="also train the norms (embeddings and head stay frozen)")
+    opt("gradient-checkpointing", action="store_true", help="recompute activations in the backward pass (less memory)")
+    opt("precision", default="auto", help="auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16")
+    opt("dense", help="block-wise: the dense model the layers learn from (default: the input in llmprune.json)")
+    opt("targets", default="dense-layer",
+        help="block-wise: dense-layer (the dense layer on the sparse inputs) or dense-model (the dense model's states)")
+    opt("seed", type=int, default=0, help="training data sampling seed")
+
+
+def finetune_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="llmprune finetune", description="Fine-tune a pruned model briefly, keeping its sparsity exactly.",
+               epilog=FINETUNE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="a pruned model folder (llmprune output or any Hugging Face folder)")
+    p.add_argument("--output", "-o", help="output folder (default: ./<model>-ft)")
+    add_finetune_options(p.add_argument_group("training"))
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", help="output dtype: float32, float16 or bfloat16 (default: the input's)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder (or the input itself)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or summary")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--eval", metavar="DATA", help="perplexity before and after on DATA (sotu, wikitext2, c4, auto or a path)")
+    e.add_argument("--eval-seqlen", type=int, default=2048, help="evaluation window length (default 2048)")
+    e.add_argument("--eval-max-windows", type=int, help="evaluate only the first N windows")
+    return p
+
+
+def finetune_options(args: argparse.Namespace, prefix: str = "") -> dict:
+    """FinetuneConfig keyword arguments from options added by ``add_finetune_options``."""
+    names = ("steps", "mode", "data", "nsamples", "seqlen", "batch_size", "grad_accum", "lr", "warmup", "weight_decay",
+             "max_grad_norm", "optim", "train_norms", "gradient_checkpointing", "precision", "dense", "targets", "seed")
+    key = prefix.replace("-", "_")
+    return {name: getattr(args, key + name) for name in names}
+
+
+def run_finetune(argv: list[str]) -> int:
+    args = finetune_parser().parse_args(argv)
+    setup_logging(args.quiet)
+    from .config import FinetuneConfig
+    from .finetune import finetune
+
+    cfg = FinetuneConfig(
+        model=args.model, output=args.output, device=args.device, dtype=args.dtype, max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite, eval=args.eval, eval_seqlen=args.eval_seqlen, eval_max_windows=args.eval_max_windows,
+        **finetune_options(args),
+    )
+    recipe = finetune(cfg, command=shlex.join(["llmprune", "finetune", *argv]), progress=not args.quiet)
+    if recipe and not args.quiet:
+        print(finetune_summary(recipe))
+    return 0
+
+
+def finetune_summary(recipe: dict) -> str:
+    """The one-screen report of `llmprune finetune`."""
+    ft, sp = recipe["finetune"], recipe["sparsity"]
+    cfg = ft["config"]
+    per_layer = " per layer" if ft["mode"] == "blockwise" else ""
+    rows = [
+        ("model", ft["input"]["model"]),
+        ("mode", f"{ft['mode']}, {ft['processes']} process(es) on {ft['device']}, {ft['precision']}"),
+        ("training", f"{cfg['steps']} steps{per_layer} x {cfg['batch_size']} x {cfg['grad_accum']} windows of "
+                     f"{ft['seqlen']} tokens from {ft['data']}, {cfg['optim']}, lr {cfg['lr']}"),
+    ]
+    loss = ft.get("loss") or {}
+    if "first" in loss:
+        rows.append(("loss", f"{loss['start_mean']:.4f} -> {loss['end_mean']:.4f} (first and last tenth of the steps)"))
+    if "mse_before_mean" in loss:
+        rows.append(("layer mse", f"{loss['mse_before_mean']:.4g} -> {loss['mse_after_mean']:.4g} (mean), "
+                                  f"lower in {loss['improved_layers']} of {len(ft['layers'])} layers"))
+    rows.append(("sparsity", f"{sp['overall']:.4%} of the pruned matrices, {ft['mask_changes']} weights changed mask"))
+    if "eval" in ft:
+        ev = ft["eval"]
+        text = f"{ev['before']['perplexity']:.3f} -> {ev['after']['perplexity']:.3f} ({ev['data']}, {ev['windows']} x {ev['seqlen']} tokens)"
+        if "recovered" in ev:
+            text += f"; dense {ev['dense']['perplexity']:.3f}, {ev['recovered']:.1%} of the gap recovered"
+        rows.append(("perplexity", text))
+    rows += [
+        ("time", f"{ft['wall_time_s']:.1f} s"),
+        ("peak memory", f"{ft['peak_rss_mb']:.0f} MB resident"),
+        ("output", recipe["output"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:>{width}}  {v}" for k, v in rows)
+
+
+COMMANDS = {"prune": run_prune, "eval": run_eval, "finetune": run_finetune}
 
 
 def main(argv: list[str] | None = None) -> int:

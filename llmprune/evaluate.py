@@ -34,17 +34,26 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import data as data_sources
+from .checkpoint import Checkpoint
 from .config import DTYPES, EvalConfig, resolve_device
 from .errors import LlmpruneError
 
 # The model machinery (transformers, arch, pipeline) is imported inside the functions that use it:
-# llmprune/__init__.py imports this module eagerly (see there), and `import llmprune` stays light.
+# llmprune/__init__.py imports this module eagerly (see there), and `import llmprune` should not
+# pull in transformers.
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+    from .pipeline import Source
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +120,7 @@ def model_folder(model: str, revision: str | None = None) -> Path:
     return resolve_packaged(model) or resolve(model, revision)[0]
 
 
-def load_tokenizer(folder: Path):
+def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     try:
@@ -120,7 +129,7 @@ def load_tokenizer(folder: Path):
         raise LlmpruneError(f"cannot load a tokenizer from {folder}: {_one_line(err)}") from None
 
 
-def context_length(config) -> int | None:
+def context_length(config: PretrainedConfig) -> int | None:
     """The longest sequence the model's positions allow, or None when the config does not say."""
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, key, None)
@@ -129,7 +138,7 @@ def context_length(config) -> int | None:
     return None
 
 
-def check_seqlen(config, seqlen: int) -> None:
+def check_seqlen(config: PretrainedConfig, seqlen: int) -> None:
     if seqlen < 2:
         raise LlmpruneError(f"--seqlen must be at least 2 (a window predicts seqlen - 1 tokens), got {seqlen}")
     limit = context_length(config)
@@ -198,7 +207,7 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
-def default_dtype(device: torch.device, checkpoint) -> torch.dtype:
+def default_dtype(device: torch.device, checkpoint: Checkpoint) -> torch.dtype:
     """float32 on the CPU (16-bit matmuls there are slow and coarse); on a GPU the checkpoint's
     16-bit dtype, or bfloat16 (float16 without bf16 support) for a float32 checkpoint."""
     if device.type == "cpu":
@@ -212,7 +221,7 @@ def default_dtype(device: torch.device, checkpoint) -> torch.dtype:
     return torch.bfloat16
 
 
-def weight_bytes(checkpoint, dtype: torch.dtype) -> int:
+def weight_bytes(checkpoint: Checkpoint, dtype: torch.dtype) -> int:
     """Size of the checkpoint's tensors once floating ones are cast to ``dtype``."""
     size = torch.empty((), dtype=dtype).element_size()
     total = 0
@@ -274,7 +283,8 @@ def evaluate(model: str | os.PathLike | torch.nn.Module, data: str = "auto", seq
                    batch, time.perf_counter() - start)
 
 
-def _evaluate_loaded(model, data, seqlen, windows, max_windows, batch_size, progress) -> EvalResult:
+def _evaluate_loaded(model: torch.nn.Module, data: str, seqlen: int, windows: torch.Tensor | None,
+                     max_windows: int | None, batch_size: int | None, progress: bool) -> EvalResult:
     """A model already in memory: whole-model mode on its own device and dtype."""
     start = time.perf_counter()
     config = model.config
@@ -329,7 +339,8 @@ def _whole_nll(folder: Path, windows: torch.Tensor, batch: int, device: torch.de
 
 
 @torch.inference_mode()
-def _forward_nll(model, windows: torch.Tensor, batch: int, device: torch.device, progress: bool) -> torch.Tensor:
+def _forward_nll(model: torch.nn.Module, windows: torch.Tensor, batch: int, device: torch.device,
+                 progress: bool) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float64, device=device)
     for ids in tqdm(windows.split(batch), desc="eval", unit="batch", disable=not progress):
         ids = ids.to(device)  # (B, T)
@@ -341,7 +352,7 @@ def _forward_nll(model, windows: torch.Tensor, batch: int, device: torch.device,
 
 
 @torch.inference_mode()
-def _streamed_nll(source, windows: torch.Tensor, batch: int, device: torch.device, dtype: torch.dtype,
+def _streamed_nll(source: Source, windows: torch.Tensor, batch: int, device: torch.device, dtype: torch.dtype,
                   progress: bool) -> torch.Tensor:
     """Every batch through layer i, then i + 1, ...; each layer read from the shards once."""
     from .arch import Outer
@@ -416,7 +427,7 @@ def _one_line(err: BaseException) -> str:
 # Zero-shot tasks (lm-evaluation-harness)
 
 
-def require_lm_eval():
+def require_lm_eval() -> ModuleType:
     try:
         import lm_eval
     except ImportError:

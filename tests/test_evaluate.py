@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 from conftest import FAMILIES, build_tiny
 from llmprune import evaluate as api_evaluate
 from llmprune import packaged
+from llmprune.checkpoint import Checkpoint
 from llmprune.cli import main
 from llmprune.config import EvalConfig
 from llmprune.errors import LlmpruneError
@@ -90,6 +91,20 @@ def test_chunked_nll_equals_one_shot(monkeypatch):
     monkeypatch.setattr(EVAL_MODULE, "LOGITS_CHUNK_BYTES", 3 * 50 * 4 * 7)  # 7 positions per chunk
     assert nll_sum(logits, ids).item() == pytest.approx(whole.item(), rel=1e-6)
     assert nll_sum(logits.bfloat16(), ids).item() == pytest.approx(whole.item(), rel=1e-2)
+
+
+def test_device_defaults_by_hand(tmp_path):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # constructing a cuda device needs no GPU
+    assert EVAL_MODULE.auto_batch_size(cpu, 2048, SMOL_VOCAB) == 1
+    assert EVAL_MODULE.auto_batch_size(cuda, 2048, SMOL_VOCAB) == 10  # 2 GiB // (2048 * 49152 * 2 bytes)
+    assert EVAL_MODULE.auto_batch_size(cuda, 4096, 256_000) == 1
+    half = Checkpoint(build_tiny("llama", tmp_path / "fp16", dtype=torch.float16))
+    assert EVAL_MODULE.default_dtype(cpu, half) == torch.float32
+    assert EVAL_MODULE.default_dtype(cuda, half) == torch.float16
+    # Embedding and head 2 * 128 * 64, final norm 64, and 3 layers of q, o 64 * 64, k, v 32 * 64 (2 kv heads
+    # of 16), gate, up, down 3 * 64 * 128 and two norms of 64: 127424 parameters.
+    assert EVAL_MODULE.weight_bytes(half, torch.float16) == 127424 * 2
+    assert EVAL_MODULE.weight_bytes(half, torch.float32) == 127424 * 4
 
 
 def test_choose_stream_rule():
