@@ -16,8 +16,26 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
+class Options:
+    """What every config shares: the dict form stored in llmprune.json and the output dtype."""
+
+    dtype: str | None
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return DTYPES[self.dtype] if self.dtype else None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
 @dataclass(frozen=True)
-class PruneConfig:
+class PruneConfig(Options):
     """One pruning run: what to read, how to prune, where to write."""
 
     model: str
@@ -89,17 +107,6 @@ class PruneConfig:
     def parsed_pattern(self) -> Pattern:
         return Pattern.parse(self.pattern)
 
-    @property
-    def torch_dtype(self) -> torch.dtype | None:
-        return DTYPES[self.dtype] if self.dtype else None
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> PruneConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def resolve_device(name: str) -> torch.device:
@@ -113,7 +120,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(Options):
     """One evaluation run: which model, on which text, run how."""
 
     model: str
@@ -148,19 +155,10 @@ class EvalConfig:
         if not self.data:
             raise LlmpruneError("--data must name a dataset (sotu, wikitext2, c4, auto) or a path")
 
-    @property
-    def torch_dtype(self) -> torch.dtype | None:
-        return DTYPES[self.dtype] if self.dtype else None
-
     def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
+        out = super().to_dict()
         out["tasks"] = list(self.tasks)
         return out
-
-    @classmethod
-    def from_dict(cls, data: dict) -> EvalConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 FINETUNE_MODES = ("auto", "whole", "blockwise")
@@ -170,7 +168,7 @@ BLOCKWISE_TARGETS = ("dense-layer", "dense-model")
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(Options):
     """One mask-preserving fine-tune of a pruned model: what to read, how to train, where to write."""
 
     model: str  # a pruned folder (llmprune output or any HF folder): the zeros of its decoder linears are kept
@@ -233,14 +231,3 @@ class FinetuneConfig:
     def warmup_steps(self) -> int:
         return self.steps // 10 if self.warmup is None else min(self.warmup, self.steps)
 
-    @property
-    def torch_dtype(self) -> torch.dtype | None:
-        return DTYPES[self.dtype] if self.dtype else None
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> FinetuneConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
