@@ -302,7 +302,7 @@ def load_for_training(folder: Path, device: torch.device) -> nn.Module:
 
     try:
         with _no_hf_bars():
-            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device)
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, device_map=str(device))
     except Exception as err:  # corrupt shards, unsupported architecture, out of memory
         raise LlmpruneError(f"cannot load the model in {folder} for training: {_one_line(err)}") from None
     model.config.use_cache = False
@@ -355,8 +355,9 @@ def train_whole(cfg: FinetuneConfig, folder: Path, layout, windows: torch.Tensor
             first = step * rows + micro * cfg.batch_size + procs.rank * per_rank
             ids = windows[torch.arange(first, first + per_rank) % len(windows)].to(device)  # (B / processes, T)
             sync = micro == cfg.grad_accum - 1 or procs.world == 1
-            with (contextlib.nullcontext() if sync else net.no_sync()), autocast(device, precision):
-                loss = net(input_ids=ids, labels=ids).loss / cfg.grad_accum
+            with contextlib.nullcontext() if sync else net.no_sync():
+                with autocast(device, precision):
+                    loss = net(input_ids=ids, labels=ids).loss / cfg.grad_accum
                 loss.backward()
             total += loss.detach().item()
         clip(trainable, cfg.max_grad_norm)
@@ -417,7 +418,8 @@ class BlockwiseStep:
 
         start, cpu = time.perf_counter(), time.process_time()
         dense = next(self.dense_layers)
-        targets = self.outputs(dense.module().eval(), dense.index, self.dense_hidden or self.acts.hidden)
+        inputs = self.acts.hidden if self.dense_hidden is None else self.dense_hidden
+        targets = self.outputs(dense.module().eval(), dense.index, inputs)
         if self.dense_hidden is not None:
             self.dense_hidden = targets
         del dense

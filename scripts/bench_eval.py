@@ -4,9 +4,10 @@ The plain loop is what most pruning code does: load the model, then per window
 ``model(ids, labels=ids).loss`` and ppl = exp(mean loss). llmprune's whole-model mode and, with
 --streamed, its layer-by-layer mode run on the very same windows. Every measurement is end to end
 (model load included) and the contenders alternate within each repeat, so background load on the
-machine hits them alike. Prints the perplexities (they must agree) and the time ratios, wall clock
-and process CPU time; on a busy machine the CPU time of a single-threaded run (--threads 1) is the
-steadier measure of the work each one does.
+machine hits them alike. Prints the perplexities (they must agree) and the time ratios: of median
+wall clock, of median process CPU time, and the median of the ratios within each repeat (which
+cancels load drifting between repeats). On a busy machine the CPU time of a single-threaded run
+(--threads 1) is the steadiest measure of the work each one does.
 
     python scripts/bench_eval.py                     # packaged SmolLM2, 4 SOTU windows of 1024
     python scripts/bench_eval.py --model ./my-model --seqlen 2048 --windows 8 --repeats 3 --streamed
