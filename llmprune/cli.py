@@ -65,13 +65,15 @@ def prune_parser() -> argparse.ArgumentParser:
     e.add_argument("--eval", metavar="DATA", help="perplexity of input and output on DATA (sotu, wikitext2, c4, auto or a path)")
     e.add_argument("--eval-seqlen", type=int, default=2048, help="evaluation window length (default 2048)")
     e.add_argument("--eval-max-windows", type=int, help="evaluate only the first N windows")
+    add_finetune_options(p.add_argument_group("fine-tune after pruning (zeros kept; see llmprune finetune -h)"),
+                         prefix="finetune-")
     return p
 
 
 def run_prune(argv: list[str]) -> int:
     args = prune_parser().parse_args(argv)
     setup_logging(args.quiet)
-    from .config import PruneConfig
+    from .config import FinetuneConfig, PruneConfig
     from .pipeline import prune
 
     cfg = PruneConfig(
@@ -81,6 +83,7 @@ def run_prune(argv: list[str]) -> int:
         calib_data=args.calib_data, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
         true_sequential=args.true_sequential, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
         eval=args.eval, eval_seqlen=args.eval_seqlen, eval_max_windows=args.eval_max_windows,
+        finetune=FinetuneConfig(model="", **finetune_options(args, "finetune-")) if args.finetune_steps else None,
     )
     recipe = prune(cfg, command=shlex.join(["llmprune", *argv]), progress=not args.quiet)
     if not args.quiet:
@@ -100,13 +103,26 @@ def summary(recipe: dict) -> str:
         ("sparsity", f"{sp['overall']:.4%} achieved, {sp['target_mean']:.4%} targeted"),
         ("per layer", f"min {min(layers):.2%}, max {max(layers):.2%}"),
     ]
+    ft = recipe.get("finetune")
+    if ft:
+        rows.append(("fine-tune", f"{ft['mode']}, {ft['config']['steps']} steps"
+                                  f"{' per layer' if ft['mode'] == 'blockwise' else ''} on {ft['data']}, "
+                                  f"{ft['mask_changes']} weights changed mask"))
     if "eval" in recipe:
         ev = recipe["eval"]
-        rows.append(("perplexity", f"{ev['dense']['perplexity']:.3f} dense -> {ev['pruned']['perplexity']:.3f} pruned "
-                                   f"(x{ev['ratio']:.3f}; {ev['data']}, {ev['windows']} x {ev['seqlen']} tokens)"))
+        text = f"{ev['dense']['perplexity']:.3f} dense -> {ev['pruned']['perplexity']:.3f} pruned (x{ev['ratio']:.3f})"
+        ft_eval = (ft or {}).get("eval", {})
+        if "after" in ft_eval:
+            text += f" -> {ft_eval['after']['perplexity']:.3f} fine-tuned"
+            if "recovered" in ft_eval:
+                text += f" ({ft_eval['recovered']:.1%} of the gap recovered)"
+        rows.append(("perplexity", f"{text}; {ev['data']}, {ev['windows']} x {ev['seqlen']} tokens"))
+    seconds, peak = recipe["wall_time_s"], recipe["peak_rss_mb"]
+    if ft:
+        seconds, peak = seconds + ft["wall_time_s"], max(peak, ft["peak_rss_mb"])
     rows += [
-        ("time", f"{recipe['wall_time_s']:.1f} s on {recipe['device']}"),
-        ("peak memory", f"{recipe['peak_rss_mb']:.0f} MB resident"),
+        ("time", f"{seconds:.1f} s on {recipe['device']}"),
+        ("peak memory", f"{peak:.0f} MB resident"),
         ("output", recipe["output"]),
     ]
     width = max(len(k) for k, _ in rows)

@@ -63,8 +63,13 @@ class PruneConfig(Options):
     eval: str | None = None
     eval_seqlen: int = 2048
     eval_max_windows: int | None = None
+    # a mask-preserving fine-tune of the pruned model before it is written (None or 0 steps: none);
+    # its model, output, device, dtype and evaluation come from this run
+    finetune: FinetuneConfig | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.finetune, dict):
+            object.__setattr__(self, "finetune", FinetuneConfig.from_dict(self.finetune))
         pattern = Pattern.parse(self.pattern)
         if pattern.kind == "nm":
             implied = pattern.sparsity

@@ -50,6 +50,7 @@ from .checkpoint import ShardWriter, parse_size
 from .config import FinetuneConfig, resolve_device
 from .errors import LlmpruneError
 from .evaluate import available_memory, check_windows, context_length, evaluate, load_tokenizer, load_windows
+from .hub import finetune_section
 
 # The model machinery (transformers, arch, pipeline, stream) is imported inside the functions that
 # use it: llmprune/__init__.py imports this module eagerly (see there), and `import llmprune` should
@@ -755,28 +756,10 @@ def build_recipe(recipe_in: dict, source: Source, cfg: FinetuneConfig, section: 
 
 
 def model_card(folder: Path, recipe: dict) -> str:
-    """The input's card (when it has one) with a fine-tune section appended."""
-    ft = recipe["finetune"]
+    """The input's card (when it has one) with a fine-tune section and the command appended."""
     base = (folder / "README.md").read_text(errors="replace").rstrip() + "\n" if (folder / "README.md").is_file() \
         else f"# {recipe['input'].get('model', folder.name)}, fine-tuned keeping its sparsity\n"
-    loss = ft.get("loss", {})
-    lines = [
-        "",
-        "## Fine-tune",
-        "",
-        f"{ft['mode']} mode, {ft['config']['steps']} steps{' per layer' if ft['mode'] == 'blockwise' else ''} on "
-        f"{ft['data']} ({ft['windows']} windows of {ft['seqlen']} tokens), {ft['config']['optim']}, "
-        f"lr {ft['config']['lr']}; every pruned weight stayed exactly zero "
-        f"({recipe['sparsity']['overall']:.4%} of the pruned matrices).",
-    ]
-    if "first" in loss:
-        lines.append(f"Training loss {loss['start_mean']:.4f} -> {loss['end_mean']:.4f}.")
-    if "eval" in ft:
-        ev = ft["eval"]
-        lines.append(f"Perplexity on {ev['data']} ({ev['windows']} x {ev['seqlen']} tokens): "
-                     f"{ev['before']['perplexity']:.3f} -> {ev['after']['perplexity']:.3f}.")
-    lines += ["", "```", ft.get("command") or "", "```", ""]
-    return base + "\n".join(lines)
+    return base + "\n".join(["", *finetune_section(recipe), "```", recipe["finetune"].get("command") or "", "```", ""])
 
 
 # --------------------------------------------------------------------------------------------

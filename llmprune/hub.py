@@ -38,6 +38,7 @@ def _eval_section(recipe: dict) -> list[str]:
     ev = recipe.get("eval")
     if not ev or "pruned" not in ev:
         return []
+    tuned = recipe.get("finetune", {}).get("eval", {}).get("after")
     return [
         "## Perplexity",
         "",
@@ -46,10 +47,34 @@ def _eval_section(recipe: dict) -> list[str]:
         "| model | perplexity |",
         "|---|---:|",
         f"| dense (input) | {ev['dense']['perplexity']:.3f} |",
-        f"| pruned (this model) | {ev['pruned']['perplexity']:.3f} |",
-        f"| ratio | {ev['ratio']:.3f} |",
+        f"| pruned{'' if tuned else ' (this model)'} | {ev['pruned']['perplexity']:.3f} |",
+        *([f"| pruned and fine-tuned (this model) | {tuned['perplexity']:.3f} |"] if tuned else []),
+        f"| ratio pruned / dense | {ev['ratio']:.3f} |",
         "",
     ]
+
+
+def finetune_section(recipe: dict) -> list[str]:
+    """What the mask-preserving fine-tune did, when there was one."""
+    ft = recipe.get("finetune")
+    if not ft:
+        return []
+    loss = ft.get("loss", {})
+    lines = [
+        "## Fine-tune",
+        "",
+        f"{ft['mode']} mode, {ft['config']['steps']} steps{' per layer' if ft['mode'] == 'blockwise' else ''} on "
+        f"{ft['data']} ({ft['windows']} windows of {ft['seqlen']} tokens), {ft['config']['optim']}, "
+        f"lr {ft['config']['lr']}; every pruned weight stayed exactly zero "
+        f"({recipe['sparsity']['overall']:.4%} of the pruned matrices).",
+    ]
+    if "first" in loss:
+        lines.append(f"Training loss {loss['start_mean']:.4f} -> {loss['end_mean']:.4f}.")
+    if "eval" in ft:
+        ev = ft["eval"]
+        lines.append(f"Perplexity on {ev['data']} ({ev['windows']} x {ev['seqlen']} tokens): "
+                     f"{ev['before']['perplexity']:.3f} -> {ev['after']['perplexity']:.3f}.")
+    return [*lines, ""]
 
 
 def model_card(recipe: dict, base_model: str | None, input_meta: dict) -> str:
@@ -93,6 +118,7 @@ def model_card(recipe: dict, base_model: str | None, input_meta: dict) -> str:
         f"| overall sparsity (pruned matrices) | {overall:.4%} |",
         "",
         *_eval_section(recipe),
+        *finetune_section(recipe),
         "## Sparsity per decoder layer",
         "",
         _layer_table(recipe),

@@ -308,6 +308,9 @@ def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True) -
         recipe["wall_time_s"] = round(time.perf_counter() - start, 3)
         recipe["peak_rss_mb"] = round(peak_rss_mb(), 1)
         (tmp / "llmprune.json").write_text(json.dumps(recipe, indent=2) + "\n")
+        if cfg.finetune is not None and cfg.finetune.steps > 0:
+            recipe = finetune_pruned(cfg, tmp, output, source, command, progress)
+            (tmp / "llmprune.json").write_text(json.dumps(recipe, indent=2) + "\n")
         base = base_model_id(cfg.model, source)
         (tmp / "README.md").write_text(hub.model_card(recipe, base, hub.input_card_metadata(source.folder)))
         replace_folder(tmp, output)
@@ -321,6 +324,28 @@ def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True) -
             shutil.rmtree(tmp, ignore_errors=True)
     recipe["output"] = str(output)
     log.info("wrote %s", output)
+    return recipe
+
+
+def finetune_pruned(cfg: PruneConfig, tmp: Path, output: Path, source: Source, command: str | None,
+                    progress: bool) -> dict:
+    """Fine-tune the pruned model in ``tmp`` in place (its zeros kept); returns the merged recipe.
+
+    Training text defaults to the calibration source, block-wise targets to this run's input, and the
+    evaluation (when asked for) reuses the pruned model's perplexity on the same windows.
+    """
+    from dataclasses import replace
+
+    from .finetune import finetune
+
+    ft = replace(cfg.finetune, model=str(tmp), output=str(tmp), overwrite=True, device=cfg.device, dtype=cfg.dtype,
+                 max_shard_size=cfg.max_shard_size, data=cfg.finetune.data or cfg.calib_data,
+                 dense=cfg.finetune.dense or str(source.folder), eval=cfg.eval, eval_seqlen=cfg.eval_seqlen,
+                 eval_max_windows=cfg.eval_max_windows)
+    recipe = finetune(ft, command=command, progress=progress)
+    recipe.pop("output", None)
+    recipe["finetune"]["config"].update(model=str(output), output=str(output))
+    recipe["finetune"]["input"] = {"model": "the pruned model of this run"}
     return recipe
 
 

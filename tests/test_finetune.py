@@ -164,6 +164,34 @@ def test_cli_samples_training_text_with_the_tokenizer(tiny_tok, corpus, tmp_path
     assert not torch.equal(weights(out)[norm], weights(tiny_tok)[norm])  # --train-norms trained it
 
 
+@pytest.mark.parametrize("mode, lr", [("whole", "1e-2"), ("blockwise", "1e-3")])
+def test_prune_then_finetune_in_one_run(tiny_with_tokenizer, tiny_tok, corpus, tmp_path, mode, lr):
+    """--finetune-steps trains the pruned model before it is written: the zeros are the pruned ones."""
+    out = tmp_path / "ft"
+    assert run_cli(tiny_with_tokenizer, "--sparsity", "0.5", "-o", out, "-q", "--finetune-steps", "3",
+                   "--finetune-mode", mode, "--finetune-seqlen", "32", "--finetune-batch-size", "2",
+                   "--finetune-nsamples", "4", "--finetune-data", corpus, "--finetune-lr", lr,
+                   "--eval", corpus, "--eval-seqlen", "64", "--eval-max-windows", "2") == 0
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp folder left behind
+    recipe = json.loads((out / "llmprune.json").read_text())
+    ft, ev = recipe["finetune"], recipe["eval"]
+    assert ft["mode"] == mode and ft["config"]["steps"] == 3 and ft["data"] == str(corpus)
+    assert ft["config"]["output"] == str(out) and ft["mask_changes"] == 0
+    assert ft["eval"]["before"] == ev["pruned"] and ft["eval"]["after"]["perplexity"] != ev["pruned"]["perplexity"]
+    if mode == "blockwise":
+        assert ft["dense"]["path"] == str(tiny_with_tokenizer)
+    assert recipe["sparsity"]["overall"] == json.loads((tiny_tok / "llmprune.json").read_text())["sparsity"]["overall"]
+    tuned, pruned = weights(out), weights(tiny_tok)
+    changed = 0
+    for name in prunable(out):
+        assert torch.equal(tuned[name] == 0, pruned[name] == 0), name  # same zeros as pruning alone
+        changed += int(not torch.equal(tuned[name], pruned[name]))
+    assert changed > 0
+    card = (out / "README.md").read_text()
+    assert "## Fine-tune" in card and "pruned and fine-tuned (this model)" in card
+    assert card.startswith("---\n") and card.count("## Fine-tune") == 1
+
+
 def _layer_inputs(model, ids):
     """(args, kwargs) each decoder layer of ``model`` receives for ``ids``."""
     _, layers = find_layers(model)
