@@ -278,3 +278,12 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     owner, _, attr = name.rpartition(".")
     module = model.get_submodule(owner) if owner else model
     setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
+
+
+def context_length(config: PretrainedConfig) -> int | None:
+    """The longest sequence the model's positions allow, or None when the config does not say."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -129,18 +128,11 @@ def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
         raise LlmpruneError(f"cannot load a tokenizer from {folder}: {_one_line(err)}") from None
 
 
-def context_length(config: PretrainedConfig) -> int | None:
-    """The longest sequence the model's positions allow, or None when the config does not say."""
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def check_seqlen(config: PretrainedConfig, seqlen: int) -> None:
     if seqlen < 2:
         raise LlmpruneError(f"--seqlen must be at least 2 (a window predicts seqlen - 1 tokens), got {seqlen}")
+    from .arch import context_length
+
     limit = context_length(config)
     if limit is not None and seqlen > limit:
         raise LlmpruneError(f"--seqlen {seqlen} exceeds the model's context of {limit} tokens")
@@ -354,41 +346,20 @@ def _forward_nll(model: torch.nn.Module, windows: torch.Tensor, batch: int, devi
 @torch.inference_mode()
 def _streamed_nll(source: Source, windows: torch.Tensor, batch: int, device: torch.device, dtype: torch.dtype,
                   progress: bool) -> torch.Tensor:
-    """Every batch through layer i, then i + 1, ...; each layer read from the shards once."""
+    """Every batch through layer i, then i + 1, ... on the layer stream; each layer read once."""
     from .arch import Outer
-    from .stream import Layer, group_names
+    from .stream import Activations, layers
 
     layout, checkpoint = source.layout, source.checkpoint
-    _, per_layer = group_names(checkpoint, layout)
     outer = Outer(layout, checkpoint.read, device, dtype)
-    batches = list(windows.split(batch))
-
-    # Layer 0's input for every batch, plus what the model passes each layer for that batch shape
-    # (masks, positions, rotary tables): small next to the hidden states.
-    hidden, calls, park = [], [], None
-    for ids in batches:
-        first, batch_calls = outer.layer_inputs(ids)  # (B, T, C)
-        if park is None:
-            park = _parking(device, first.nbytes * len(windows) // len(ids))
-        hidden.append(first.to(park))
-        calls.append(batch_calls)
-
-    def read_layer(index: int) -> dict[str, torch.Tensor]:
-        return {n: _cast(checkpoint.read(n), dtype) for n in per_layer[index]}
-
-    # The next layer is read on a worker thread while the current one runs.
-    with ThreadPoolExecutor(max_workers=1) as reader:
-        ahead = reader.submit(read_layer, 0)
-        for index in tqdm(range(layout.num_layers), desc="eval (streamed)", unit="layer", disable=not progress):
-            tensors = {n: t.to(device) for n, t in ahead.result().items()}
-            ahead = reader.submit(read_layer, index + 1) if index + 1 < layout.num_layers else None
-            module = Layer(index, tensors, layout).module()
-            for b, batch_calls in enumerate(calls):
-                hidden[b] = batch_calls.run(module, index, hidden[b].to(device)).to(park)
-            del module, tensors
+    # Hidden states of every window wait between layers on the device when they fit, else on the CPU.
+    park = _parking(device, windows.numel() * layout.config.hidden_size * dtype.itemsize)
+    acts = Activations(outer, windows, batch, park)
+    for layer in layers(checkpoint, layout, device, dtype, desc="eval (streamed)", progress=progress):
+        acts.advance(layer.module(), layer.index)
 
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for ids, final in zip(batches, hidden):
+    for ids, final in zip(windows.split(batch), acts.hidden):
         logits = outer.logits(ids, final.to(device))  # (B, T, V)
         total += nll_sum(logits, ids)
         del logits
@@ -400,10 +371,6 @@ def _parking(device: torch.device, needed: int) -> torch.device:
     if device.type != "cuda":
         return device
     return device if needed <= HIDDEN_ON_DEVICE_SHARE * torch.cuda.mem_get_info(device)[0] else torch.device("cpu")
-
-
-def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
 def _as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

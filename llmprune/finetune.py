@@ -49,7 +49,7 @@ from . import data as data_sources
 from .checkpoint import ShardWriter, parse_size
 from .config import FinetuneConfig, resolve_device
 from .errors import LlmpruneError
-from .evaluate import available_memory, check_windows, context_length, evaluate, load_tokenizer, load_windows
+from .evaluate import available_memory, check_windows, evaluate, load_tokenizer, load_windows
 from .hub import finetune_section
 
 # The model machinery (transformers, arch, pipeline, stream) is imported inside the functions that
@@ -238,6 +238,8 @@ class Processes:
         if self.world > 1 and device.type == "cuda" and name in ("auto", "cuda"):
             device = torch.device("cuda", self.local_rank)
         if device.type == "cuda":
+            if device.index is None:  # set_device needs an index: "cuda" means the current one
+                device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(device)
         return device
 
@@ -727,6 +729,8 @@ def finetune(cfg: FinetuneConfig, command: str | None = None, progress: bool = T
 
 
 def _seqlen(seqlen: int, config) -> int:
+    from .arch import context_length
+
     context = context_length(config)
     return min(seqlen, context) if context else seqlen
 

@@ -212,7 +212,7 @@ def calibration(cfg: PruneConfig, source: Source, device: torch.device) -> tuple
     from transformers import AutoTokenizer
 
     from . import data
-    from .evaluate import context_length
+    from .arch import context_length
 
     context = context_length(source.layout.config)
     seqlen = min(cfg.seqlen, context) if context else cfg.seqlen

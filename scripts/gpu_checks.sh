@@ -39,9 +39,16 @@ DEV=cuda L30=30 L8=8 NS=32 LAYER=() SCALE=1
 if [ -n "${SMOKE:-}" ]; then
     DEV=cpu L30=2 L8=2 NS=4 LAYER=(--small --nsamples 4 --seqlen 256) SCALE=20 py="${LLMPRUNE_VENV:-.venv}/bin/python"
 fi
-cli() { "$py" -m llmprune.cli "$@"; }
+CLI=("$py" -m llmprune.cli)
 section() { echo; echo "=== $1 ($(date +%T))"; }
-limit() { local s=$(($1 * SCALE)); shift; timeout --signal=KILL "$s" "$@" || echo "!!! exit $? (limit ${s}s): $*"; }
+# Each step has its own limit, and all of them together end by DEADLINE seconds after the start.
+DEADLINE=$(( $(date +%s) + ${DEADLINE:-520} ))
+limit() {
+    local s=$(($1 * SCALE)) left=$((DEADLINE - $(date +%s))); shift
+    if [ -z "${SMOKE:-}" ] && [ "$left" -lt "$s" ]; then s=$left; fi
+    if [ "$s" -lt 10 ]; then echo "!!! skipped (out of time): $*"; return; fi
+    timeout --signal=KILL "$s" "$@" || echo "!!! exit $? (limit ${s}s): $*"
+}
 
 section environment
 nvidia-smi -L
@@ -64,20 +71,21 @@ for name, layers in (("smol30", int(sys.argv[3])), ("smol8", int(sys.argv[4]))):
     print(name, sum(p.numel() for p in model.parameters()) / 1e6, "M parameters")
 EOF
 
-section "issue 4: one LLaMA-2-70B-shaped decoder layer, 128 x 2048 calibration tokens"
-limit 150 "$py" scripts/bench_layer.py --device "$DEV" --methods wanda,sparsegpt "${LAYER[@]}" | tee "$OUT/layer70b.jsonl"
+want() { [ -z "${ONLY:-}" ] || [[ ",$ONLY," == *",$1,"* ]]; }
+want layer && section "issue 4: one LLaMA-2-70B-shaped decoder layer, 128 x 2048 calibration tokens"
+want layer && limit 150 "$py" scripts/bench_layer.py --device "$DEV" --methods wanda,sparsegpt "${LAYER[@]}" | tee "$OUT/layer70b.jsonl"
 
-section "issue 6: 2:4 semi-structured kernels vs dense"
-limit 80 "$py" scripts/bench_semistructured.py --repeats 30 | tee "$OUT/semistructured.jsonl"
+want semi && section "issue 6: 2:4 semi-structured kernels vs dense"
+want semi && limit 80 "$py" scripts/bench_semistructured.py --repeats 30 | tee "$OUT/semistructured.jsonl"
 
 section "issue 4: the same prune on CUDA and on the CPU (8 layers, 32 x 512 calibration)"
-for method in wanda sparsegpt; do
+want prune && for method in wanda sparsegpt; do
     for dev in "$DEV" cpu; do
-        limit 60 cli "$W/smol8" --method "$method" --sparsity 0.5 --calib-data "$A/calib.txt" --nsamples "$NS" \
+        limit 45 "${CLI[@]}" "$W/smol8" --method "$method" --sparsity 0.5 --calib-data "$A/calib.txt" --nsamples "$NS" \
             --seqlen 512 --device "$dev" -o "$W/$method-$dev" --overwrite -q
     done
 done
-limit 40 "$py" - "$W" <<'EOF' | tee "$OUT/cuda_vs_cpu.txt"
+want prune && limit 30 "$py" - "$W" <<'EOF' | tee "$OUT/cuda_vs_cpu.txt"
 import sys, json
 from pathlib import Path
 from safetensors.torch import load_file
@@ -97,17 +105,19 @@ for method in ("wanda", "sparsegpt"):
 EOF
 
 section "issue 5: fine-tune on CUDA (bf16 autocast): whole and block-wise keep the zeros"
-limit 60 cli finetune "$W/wanda-$DEV" -o "$W/ft-whole" --mode whole --steps 30 --seqlen 512 --batch-size 4 \
+[ -f "$W/wanda-$DEV/llmprune.json" ] || limit 45 "${CLI[@]}" "$W/smol8" --method wanda --sparsity 0.5 \
+    --calib-data "$A/calib.txt" --nsamples "$NS" --seqlen 512 --device "$DEV" -o "$W/wanda-$DEV" --overwrite -q
+limit 50 "${CLI[@]}" finetune "$W/wanda-$DEV" -o "$W/ft-whole" --mode whole --steps 30 --seqlen 512 --batch-size 4 \
     --data "$A/calib.txt" --device "$DEV" --eval "$A/eval.txt" --eval-seqlen 1024 --eval-max-windows 4 --overwrite
-limit 60 cli finetune "$W/wanda-$DEV" -o "$W/ft-block" --mode blockwise --steps 10 --nsamples 16 --seqlen 512 \
+limit 50 "${CLI[@]}" finetune "$W/wanda-$DEV" -o "$W/ft-block" --mode blockwise --steps 10 --nsamples 16 --seqlen 512 \
     --data "$A/calib.txt" --device "$DEV" --overwrite
 for d in ft-whole ft-block; do
     "$py" -c "import json,sys; r=json.load(open(sys.argv[1])); f=r['finetune']; print(sys.argv[1], json.dumps({k: f.get(k) for k in ('mode','precision','mask_changes','wall_time_s','peak_gpu_mb','loss')}), 'sparsity', r['sparsity']['overall'])" "$W/$d/llmprune.json" | tee -a "$OUT/finetune.txt"
 done
 
 section "issue 3: evaluation on CUDA: whole vs streamed, and speed against the plain transformers loop"
-limit 40 cli eval "$W/smol30" --data "$A/eval.txt" --seqlen 1024 --max-windows 8 --device "$DEV" --no-stream --json "$OUT/eval_whole.json"
-limit 40 cli eval "$W/smol30" --data "$A/eval.txt" --seqlen 1024 --max-windows 8 --device "$DEV" --stream --json "$OUT/eval_stream.json"
-limit 90 "$py" scripts/bench_eval.py --model "$W/smol30" --data "$A/eval.txt" --seqlen 1024 --windows 16 --repeats 3 \
+want eval && limit 30 "${CLI[@]}" eval "$W/smol30" --data "$A/eval.txt" --seqlen 1024 --max-windows 8 --device "$DEV" --no-stream --json "$OUT/eval_whole.json"
+want eval && limit 30 "${CLI[@]}" eval "$W/smol30" --data "$A/eval.txt" --seqlen 1024 --max-windows 8 --device "$DEV" --stream --json "$OUT/eval_stream.json"
+want eval && limit 90 "$py" scripts/bench_eval.py --model "$W/smol30" --data "$A/eval.txt" --seqlen 1024 --windows 16 --repeats 3 \
     --device "$DEV" --streamed --json "$OUT/bench_eval.json"
 section done
