@@ -2,14 +2,20 @@
 SmolLM2, side by side with llm-compressor's Wanda and SparseGPT on the same data.
 
 Protocol (fixed): calibration = 64 windows x 512 tokens sampled from the SOTU calibration split
-(speeches before 2000) with seed 0; evaluation = the first 8 windows x 1024 tokens of the SOTU
-evaluation split (a 32-window pass costs ~7 CPU-minutes per model on 2 cores) (speeches from 2000 on), perplexity as `llmprune eval` computes it. Both tools
-see the very same calibration token ids (saved once, handed to the peer as a .pt file).
+(speeches before 2000) with seed 0, the very same token ids for both tools (saved once, handed to
+the peer as a .pt file); evaluation = the first 32 windows x 1024 tokens of the SOTU evaluation
+split (speeches from 2000 on), perplexity as `llmprune eval` computes it, for every model alike.
 
-Every run is a fresh process, run one after another; wall time is the whole process (load,
-calibrate, prune, save), and for llm-compressor also its oneshot call alone as it reports it.
+Every run is a fresh process, timed whole (load, calibrate, prune, save). Runs go in an order
+that puts llmprune's and llm-compressor's run of the same method and pattern back to back, so
+that background load hits both alike; the ratio is printed for each pair timed in this invocation.
+Outputs already in --work (and evaluations already made) are reused unless named in --rerun, so
+an interrupted benchmark continues where it stopped; reused wall times keep the date they were
+measured on.
 
-    python scripts/bench_quality.py [--work /tmp/llmprune-quality] [--no-peer]
+    python scripts/bench_quality.py                               # everything missing, peer included
+    python scripts/bench_quality.py --rerun "sparsegpt 2:4"       # both tools' run of that row again
+    python scripts/bench_quality.py --no-peer                     # llmprune's rows only
     (the peer needs `bash scripts/peer_env.sh` first)
 """
 
@@ -17,9 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
+from datetime import date
 from pathlib import Path
 
 import torch
@@ -30,113 +38,128 @@ from llmprune.packaged import smollm2_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 CALIB = dict(nsamples=64, seqlen=512, seed=0)
-EVAL = dict(seqlen=1024, windows=8)
-RUNS = [  # (label, method, pattern, sparsity, extra flags)
-    ("magnitude 50%", "magnitude", "unstructured", 0.5, []),
-    ("wanda 50%", "wanda", "unstructured", 0.5, []),
-    ("sparsegpt 50%", "sparsegpt", "unstructured", 0.5, []),
-    ("magnitude 2:4", "magnitude", "2:4", None, []),
-    ("wanda 2:4", "wanda", "2:4", None, []),
-    ("sparsegpt 2:4", "sparsegpt", "2:4", None, []),
-    ("wanda 70% uniform", "wanda", "unstructured", 0.7, []),
-    ("wanda 70% owl", "wanda", "unstructured", 0.7, ["--ratios", "owl"]),
+EVAL_SEQLEN = 1024
+ROWS = [  # (label, tool, method, pattern, sparsity, extra flags), in running order
+    ("magnitude 50%", "llmprune", "magnitude", "unstructured", 0.5, []),
+    ("wanda 50%", "llmprune", "wanda", "unstructured", 0.5, []),
+    ("wanda 50%", "llmcompressor", "wanda", "unstructured", 0.5, []),
+    ("sparsegpt 50%", "llmprune", "sparsegpt", "unstructured", 0.5, []),
+    ("sparsegpt 50%", "llmcompressor", "sparsegpt", "unstructured", 0.5, []),
+    ("magnitude 2:4", "llmprune", "magnitude", "2:4", None, []),
+    ("wanda 2:4", "llmprune", "wanda", "2:4", None, []),
+    ("wanda 2:4", "llmcompressor", "wanda", "2:4", None, []),
+    ("wanda 70% uniform", "llmprune", "wanda", "unstructured", 0.7, []),
+    ("wanda 70% owl", "llmprune", "wanda", "unstructured", 0.7, ["--ratios", "owl"]),
+    ("sparsegpt 2:4", "llmprune", "sparsegpt", "2:4", None, []),
+    ("sparsegpt 2:4", "llmcompressor", "sparsegpt", "2:4", None, []),  # the peer's longest run: last
 ]
-PEER = [("wanda", "unstructured"), ("sparsegpt", "unstructured"), ("wanda", "2:4"), ("sparsegpt", "2:4")]
 
 
-def timed(cmd: list[str]) -> tuple[float, str]:
+def folder_name(label: str, tool: str) -> str:
+    return f"{tool}-" + label.replace(" ", "-").replace("%", "").replace(":", "of")
+
+
+def prune_command(label: str, tool: str, method: str, pattern: str, sparsity: float | None, extra: list[str],
+                  out: Path, calib: Path, model: Path) -> list[str]:
+    if tool == "llmcompressor":
+        return [str(ROOT / ".venv-peer" / "bin" / "python"), str(ROOT / "scripts" / "peer_llmcompressor.py"),
+                "--model", str(model), "--method", method, "--pattern", pattern, "--sparsity", "0.5",
+                "--calib", str(calib), "--output", str(out)]
+    cmd = [sys.executable, "-m", "llmprune.cli", "packaged:smollm2", "--method", method, "--pattern", pattern,
+           "--calib-data", "sotu", "--nsamples", str(CALIB["nsamples"]), "--seqlen", str(CALIB["seqlen"]),
+           "--seed", str(CALIB["seed"]), "-o", str(out), "--overwrite", "-q", *extra]
+    return cmd + (["--sparsity", str(sparsity)] if sparsity is not None else [])
+
+
+def timed_run(cmd: list[str], out: Path) -> dict:
+    """Run one pruning process; its wall time, load and last stdout line go to OUT.run.json."""
+    load = os.getloadavg()[0]
     start = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if res.returncode:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{res.stderr[-2000:]}")
-    return wall, res.stdout
+    record = {"command": " ".join(cmd), "wall_s": round(wall, 1), "date": date.today().isoformat(),
+              "load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2),
+              "last_line": (res.stdout.strip().splitlines() or [""])[-1]}
+    out.with_suffix(".run.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
 
 
-def perplexity(folder: Path, work: Path) -> float:
-    out = work / f"{folder.name}.eval.json"
-    subprocess.run([sys.executable, "-m", "llmprune.cli", "eval", str(folder), "--data", "sotu", "--seqlen",
-                    str(EVAL["seqlen"]), "--max-windows", str(EVAL["windows"]), "--json", str(out), "-q"], check=True)
-    return json.loads(out.read_text())["perplexity"]
+def perplexity(folder: Path, windows: int) -> float:
+    """`llmprune eval` on the fixed windows, cached beside the folder."""
+    cache = folder.with_name(f"{folder.name}.eval{windows}x{EVAL_SEQLEN}.json")
+    if not cache.exists():
+        subprocess.run([sys.executable, "-m", "llmprune.cli", "eval", str(folder), "--data", "sotu", "--seqlen",
+                        str(EVAL_SEQLEN), "--max-windows", str(windows), "--json", str(cache), "-q"], check=True)
+    return json.loads(cache.read_text())["perplexity"]
+
+
+def measured_sparsity(out: Path, tool: str, run: dict) -> float | None:
+    if tool == "llmprune":
+        return json.loads((out / "llmprune.json").read_text())["sparsity"]["overall"]
+    try:
+        return json.loads(run["last_line"])["sparsity"]
+    except (KeyError, ValueError):
+        return None
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/llmprune-quality")
-    ap.add_argument("--no-peer", action="store_true")
-    ap.add_argument("--ours", action="store_true", help="only llmprune's runs (write eval/quality-llmprune.json)")
-    ap.add_argument("--peer-dir", help="evaluate llm-compressor outputs already made in DIR/<method>-<pattern> "
-                                       "(with DIR/<method>-<pattern>.log ending in the peer's JSON line) instead of rerunning")
+    ap.add_argument("--eval-windows", type=int, default=32)
+    ap.add_argument("--rerun", default="", help="labels to prune again, comma-separated (both tools)")
+    ap.add_argument("--no-peer", action="store_true", help="skip llm-compressor's rows")
+    ap.add_argument("--json", default=str(ROOT / "eval" / "quality.json"))
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    rerun = {s.strip() for s in args.rerun.split(",") if s.strip()}
     model = smollm2_checkpoint()
-    rows = []
-    if args.peer_dir:
-        rows = json.loads((ROOT / "eval" / "quality-llmprune.json").read_text())
-        for method, pattern in PEER:
-            out = Path(args.peer_dir) / f"{method}-{pattern.replace(':', 'of')}"
-            log = out.with_suffix(".log")
-            if not (out / "model.safetensors").exists() or not log.exists():
-                print(f"skipping {out}: not there", flush=True)
-                continue
-            report = json.loads([ln for ln in log.read_text().splitlines() if ln.startswith('{"tool"')][-1])
-            rows.append({"label": f"{method} {'50%' if pattern == 'unstructured' else pattern}", "tool": "llmcompressor",
-                         "version": report["version"], "method": method, "pattern": pattern,
-                         "sparsity": report["sparsity"], "oneshot_s": round(report["seconds"], 1),
-                         "perplexity": perplexity(out, work)})
-            print(json.dumps(rows[-1]), flush=True)
-        write_table(rows)
-        return
-    rows.append({"label": "dense", "tool": "-", "perplexity": perplexity(model, work)})
-    print(json.dumps(rows[-1]), flush=True)
+    calib = work / "calib.pt"
+    if not calib.exists():
+        tok = AutoTokenizer.from_pretrained(model)
+        torch.save(data.calibration_samples(tok, "sotu", CALIB["nsamples"], CALIB["seqlen"], CALIB["seed"]), calib)
 
-    for label, method, pattern, sparsity, extra in RUNS:
-        out = work / ("llmprune-" + label.replace(" ", "-").replace("%", "").replace(":", "of"))
-        cmd = [sys.executable, "-m", "llmprune.cli", "packaged:smollm2", "--method", method, "--pattern", pattern,
-               "--calib-data", "sotu", "--nsamples", str(CALIB["nsamples"]), "--seqlen", str(CALIB["seqlen"]),
-               "--seed", str(CALIB["seed"]), "-o", str(out), "--overwrite", "-q", *extra]
-        if sparsity is not None:
-            cmd += ["--sparsity", str(sparsity)]
-        wall, _ = timed(cmd)
-        recipe = json.loads((out / "llmprune.json").read_text())
-        rows.append({"label": label, "tool": "llmprune", "method": method, "pattern": pattern,
-                     "sparsity": recipe["sparsity"]["overall"], "wall_s": round(wall, 1),
-                     "perplexity": perplexity(out, work)})
+    rows = [{"label": "dense", "tool": "-", "perplexity": perplexity(model, args.eval_windows)}]
+    print(json.dumps(rows[-1]), flush=True)
+    timed_now: dict[tuple[str, str], float] = {}
+    for label, tool, method, pattern, sparsity, extra in ROWS:
+        if tool == "llmcompressor" and (args.no_peer or not (ROOT / ".venv-peer" / "bin" / "python").exists()):
+            continue
+        out = work / folder_name(label, tool)
+        run_file = out.with_suffix(".run.json")
+        if label in rerun or not run_file.exists() or not (out / "config.json").exists():
+            for stale in work.glob(f"{out.name}.eval*.json"):
+                stale.unlink()
+            run = timed_run(prune_command(label, tool, method, pattern, sparsity, extra, out, calib, model), out)
+            timed_now[(label, tool)] = run["wall_s"]
+        else:
+            run = json.loads(run_file.read_text())
+        rows.append({"label": label, "tool": tool, "method": method, "pattern": pattern,
+                     "sparsity": measured_sparsity(out, tool, run), "wall_s": run["wall_s"], "date": run["date"],
+                     "load": [run.get("load_before"), run.get("load_after")], "command": run["command"],
+                     "perplexity": perplexity(out, args.eval_windows)})
         print(json.dumps(rows[-1]), flush=True)
 
-    if args.ours:
-        (ROOT / "eval" / "quality-llmprune.json").write_text(json.dumps(rows, indent=2) + "\n")
-        write_table(rows)
-        return
-    peer_python = ROOT / ".venv-peer" / "bin" / "python"
-    if not args.no_peer and peer_python.exists():
-        tok = AutoTokenizer.from_pretrained(model)
-        calib = work / "calib.pt"
-        torch.save(data.calibration_samples(tok, "sotu", CALIB["nsamples"], CALIB["seqlen"], CALIB["seed"]), calib)
-        for method, pattern in PEER:
-            out = work / f"llmcompressor-{method}-{pattern.replace(':', 'of')}"
-            wall, stdout = timed([str(peer_python), str(ROOT / "scripts" / "peer_llmcompressor.py"), "--model", str(model),
-                                  "--method", method, "--pattern", pattern, "--sparsity", "0.5", "--calib", str(calib),
-                                  "--output", str(out)])
-            report = json.loads(stdout.strip().splitlines()[-1])
-            rows.append({"label": f"{method} {'50%' if pattern == 'unstructured' else pattern}", "tool": "llmcompressor",
-                         "version": report["version"], "method": method, "pattern": pattern,
-                         "sparsity": report["sparsity"], "wall_s": round(wall, 1), "oneshot_s": round(report["seconds"], 1),
-                         "perplexity": perplexity(out, work)})
-            print(json.dumps(rows[-1]), flush=True)
-
-    write_table(rows)
+    Path(args.json).write_text(json.dumps({"eval_windows": args.eval_windows, "eval_seqlen": EVAL_SEQLEN,
+                                           "calibration": CALIB, "rows": rows}, indent=2) + "\n")
+    print(table(rows, args.eval_windows))
+    for (label, tool), wall in timed_now.items():
+        if tool == "llmprune" and (label, "llmcompressor") in timed_now:
+            peer = timed_now[(label, "llmcompressor")]
+            print(f"side by side, {label}: llmprune {wall:.1f} s, llm-compressor {peer:.1f} s, "
+                  f"ratio {peer / wall:.2f}x (above 1: llmprune is faster)")
 
 
-def write_table(rows: list[dict]) -> None:
-    (ROOT / "eval" / "quality.json").write_text(json.dumps(rows, indent=2) + "\n")
-    lines = ["| run | tool | sparsity | perplexity | wall s (whole process) | llm-compressor oneshot s |",
-             "|---|---|---:|---:|---:|---:|"]
+def table(rows: list[dict], windows: int) -> str:
+    lines = [f"| run | tool | sparsity | perplexity ({windows} x {EVAL_SEQLEN}) | wall s (whole process) | measured |",
+             "|---|---|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['label']} | {r['tool']} | {r.get('sparsity', 0):.4f} | {r['perplexity']:.3f} | "
-                     f"{r.get('wall_s', '')} | {r.get('oneshot_s', '')} |")
-    print("\n".join(lines))
+        sp = f"{r['sparsity']:.4f}" if r.get("sparsity") is not None else ""
+        lines.append(f"| {r['label']} | {r['tool']} | {sp} | {r['perplexity']:.3f} | {r.get('wall_s', '')} | "
+                     f"{r.get('date', '')} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
