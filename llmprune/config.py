@@ -170,6 +170,7 @@ FINETUNE_MODES = ("auto", "whole", "blockwise")
 OPTIMIZERS = ("adamw", "adamw8bit")
 PRECISIONS = ("auto", "fp32", "bf16")
 BLOCKWISE_TARGETS = ("dense-layer", "dense-model")
+DISTRIBUTED = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,7 @@ class FinetuneConfig(Options):
     precision: str = "auto"  # auto: bf16 autocast on a GPU, fp32 elsewhere
     dense: str | None = None  # block-wise targets; None: the input recorded in llmprune.json
     targets: str = "dense-layer"  # block-wise: the dense layer on the sparse inputs, or the dense model's states
+    distributed: str = "ddp"  # whole mode under several processes: ddp (replicas) or fsdp (sharded)
     seed: int = 0
     device: str = "auto"
     dtype: str | None = None  # output dtype; None keeps the input's
@@ -221,7 +223,7 @@ class FinetuneConfig(Options):
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise LlmpruneError("--weight-decay and --max-grad-norm must be >= 0")
         for name, choices in (("mode", FINETUNE_MODES), ("optim", OPTIMIZERS), ("precision", PRECISIONS),
-                              ("targets", BLOCKWISE_TARGETS)):
+                              ("targets", BLOCKWISE_TARGETS), ("distributed", DISTRIBUTED)):
             if getattr(self, name) not in choices:
                 raise LlmpruneError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         if self.dtype is not None and self.dtype not in DTYPES:

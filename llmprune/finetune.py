@@ -101,6 +101,14 @@ class Masks:
                        for name, p in params.items() if p.requires_grad]
 
     @torch.no_grad()
+    def mask_grads(self) -> None:
+        """Zero the gradients of pruned weights (the hooks do it per backward; sharded FSDP
+        parameters receive their gradients without passing through them)."""
+        for name, p in self.params.items():
+            if p.grad is not None:
+                p.grad.masked_fill_(self.pruned[name], 0)
+
+    @torch.no_grad()
     def apply(self) -> None:
         """Zero every pruned weight again (after an optimiser step)."""
         for name, p in self.params.items():
@@ -339,12 +347,16 @@ def train_whole(cfg: FinetuneConfig, folder: Path, layout, windows: torch.Tensor
     model = load_for_training(folder, device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    weights, trainable = select_trainable(model, model_linears(layout), cfg.train_norms)
+    select_trainable(model, model_linears(layout), cfg.train_norms)
+    sharded = procs.world > 1 and cfg.distributed == "fsdp"
+    if sharded:
+        shard(model, device, procs.world)
+    weights, trainable = select_trainable(model, model_linears(layout), cfg.train_norms)  # the sharded ones
     masks = Masks(weights)
     optimizer = make_optimizer(trainable, cfg)
     schedule = make_schedule(optimizer, cfg)
     net = model
-    if procs.world > 1:
+    if procs.world > 1 and not sharded:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     per_rank = cfg.batch_size // procs.world
@@ -358,11 +370,12 @@ def train_whole(cfg: FinetuneConfig, folder: Path, layout, windows: torch.Tensor
             first = step * rows + micro * cfg.batch_size + procs.rank * per_rank
             ids = windows[torch.arange(first, first + per_rank) % len(windows)].to(device)  # (B / processes, T)
             sync = micro == cfg.grad_accum - 1 or procs.world == 1
-            with contextlib.nullcontext() if sync else net.no_sync():
+            with gradient_sync(net, sync, sharded):
                 with autocast(device, precision):
                     loss = net(input_ids=ids, labels=ids).loss / cfg.grad_accum
                 loss.backward()
             total += loss.detach().item()
+        masks.mask_grads()
         clip(trainable, cfg.max_grad_norm)
         optimizer.step()
         schedule.step()
@@ -375,7 +388,61 @@ def train_whole(cfg: FinetuneConfig, folder: Path, layout, windows: torch.Tensor
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    return WholeRun(model.eval(), masks, losses, cfg.steps * rows * windows.shape[1], seconds, cpu)
+    if sharded:
+        model, masks = gather_sharded(model, folder, layout, cfg, procs)
+    return WholeRun(model.eval() if model is not None else None, masks, losses, cfg.steps * rows * windows.shape[1],
+                    seconds, cpu)
+
+
+def shard(model: nn.Module, device: torch.device, world: int) -> None:
+    """FSDP (fully_shard): every decoder layer, then the rest, sharded across the processes."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from .arch import find_layers
+
+    mesh = init_device_mesh(device.type, (world,))
+    for layer in find_layers(model)[1]:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def gradient_sync(net: nn.Module, sync: bool, sharded: bool):
+    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) on accumulation micro-steps."""
+    if sync:
+        return contextlib.nullcontext()
+    if sharded:
+        net.set_requires_gradient_sync(False)
+        return _resync(net)
+    return net.no_sync()
+
+
+@contextlib.contextmanager
+def _resync(net: nn.Module):
+    try:
+        yield
+    finally:
+        net.set_requires_gradient_sync(True)
+
+
+def gather_sharded(model: nn.Module, folder: Path, layout, cfg: FinetuneConfig, procs: Processes
+                   ) -> tuple[nn.Module | None, Masks | None]:
+    """The trained weights, gathered whole on the main process into a fresh CPU copy of the model
+    whose masks come from the input (every process takes part; the others get None)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not procs.main:
+        return None, None
+    fresh = load_for_training(folder, torch.device("cpu"))
+    weights, _ = select_trainable(fresh, model_linears(layout), cfg.train_norms)
+    masks = Masks(weights)
+    masks.remove_hooks()
+    missing = set(fresh.load_state_dict(full, strict=False).missing_keys)
+    lost = [name for name, p in fresh.named_parameters() if p.requires_grad and name in missing]
+    if lost:
+        raise RuntimeError(f"FSDP state dict lacks trained parameters: {lost[:3]}")
+    return fresh, masks
 
 
 def save_whole(run: WholeRun, tmp: Path, dtype: torch.dtype, max_shard_size: str) -> dict[str, int]:

@@ -275,18 +275,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_processes_match_one(tiny_tok, corpus, tmp_path):
+@pytest.fixture(scope="module")
+def one_process(tiny_tok, corpus, tmp_path_factory) -> tuple[list[str], Path]:
+    """The single-process run the distributed ones are compared with."""
     args = ["--steps", "8", "--lr", "1e-2", "--seqlen", "32", "--batch-size", "2", "--grad-accum", "2",
             "--data", str(corpus), "--device", "cpu", "-q"]
-    assert run_cli("finetune", tiny_tok, "-o", tmp_path / "one", *args) == 0
+    out = tmp_path_factory.mktemp("one") / "one"
+    assert run_cli("finetune", tiny_tok, "-o", out, *args) == 0
+    return args, out
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one(tiny_tok, one_process, tmp_path, strategy):
+    args, one_dir = one_process
+    args = [*args, "--distributed", strategy]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            "-m", "llmprune.cli", "finetune", str(tiny_tok), "-o", str(tmp_path / "two"), *args]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    one = json.loads((tmp_path / "one" / "llmprune.json").read_text())["finetune"]
+    one = json.loads((one_dir / "llmprune.json").read_text())["finetune"]
     two = json.loads((tmp_path / "two" / "llmprune.json").read_text())["finetune"]
-    assert two["processes"] == 2 and one["processes"] == 1
+    assert two["processes"] == 2 and one["processes"] == 1 and two["config"]["distributed"] == strategy
     for ft in (one, two):
         assert ft["loss"]["last"] < ft["loss"]["first"] - 0.3, ft["loss"]
     # same global batch, same windows: the same trajectory up to float reduction order
