@@ -76,6 +76,10 @@ class PruneConfig(Options):
                 )
             if self.schedule:
                 raise LlmpruneError("--schedule needs unstructured pruning: N:M fixes the sparsity of every group")
+        if pattern.structured:
+            from .structured import check_options
+
+            check_options(self)
         if self.sparsity is None:
             raise LlmpruneError("--sparsity is required (a number in [0, 1), e.g. 0.5)")
         check_sparsity(self.sparsity, "--sparsity")
