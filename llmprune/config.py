@@ -83,6 +83,10 @@ class PruneConfig(Options):
                 )
             if self.schedule:
                 raise LlmpruneError("--schedule needs unstructured pruning: N:M fixes the sparsity of every group")
+        if pattern.structured:
+            from .structured import check_options
+
+            check_options(self)
         if self.sparsity is None:
             raise LlmpruneError("--sparsity is required (a number in [0, 1), e.g. 0.5)")
         check_sparsity(self.sparsity, "--sparsity")
@@ -108,6 +112,9 @@ class PruneConfig(Options):
             raise LlmpruneError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.save_format not in SAVE_FORMATS:
             raise LlmpruneError(f"--save-format must be one of {', '.join(SAVE_FORMATS)}, got {self.save_format!r}")
+        if self.save_format != "dense" and Pattern.parse(self.pattern).structured:
+            raise LlmpruneError(f"--pattern {self.pattern} writes a smaller dense model: --save-format "
+                                f"{self.save_format} has no zeros to compress there")
         if self.save_format != "dense" and self.finetune is not None and self.finetune.steps > 0:
             raise LlmpruneError(f"--save-format {self.save_format} cannot be combined with --finetune-steps yet: "
                                 "the fine-tune writes a dense model")

@@ -122,6 +122,21 @@ def _loading_section(recipe: dict) -> list[str]:
     ]
 
 
+def _intro(recipe: dict, source: str, link: str, overall: float) -> list[str]:
+    cfg = recipe["config"]
+    by = f"[llmprune](https://pypi.org/project/llmprune/) ({cfg['method']}, {cfg['pattern']})"
+    st = recipe.get("structured")
+    if st:
+        p = st["parameters"]
+        return [f"# {source} with {cfg['pattern']} pruned ({1 - p['after'] / p['before']:.1%} fewer parameters)", "",
+                f"This model is {link} with {st['ratio']:.0%} of its {cfg['pattern']} removed by {by}, ranked by "
+                f"{st['importance']}: a smaller dense model, {p['before']:,} -> {p['after']:,} parameters. "
+                "It loads with plain `AutoModelForCausalLM.from_pretrained`."]
+    return [f"# {source} pruned to {overall:.1%} sparsity", "",
+            f"This model is {link} with {overall:.1%} of the weights of its decoder layers' linear layers set to "
+            f"zero by {by}. " + _storage_sentence(recipe)]
+
+
 def model_card(recipe: dict, base_model: str | None, input_meta: dict) -> str:
     """README.md for an output folder: Hub metadata, the recipe, per-layer sparsity, the command."""
     cfg = recipe["config"]
@@ -140,14 +155,10 @@ def model_card(recipe: dict, base_model: str | None, input_meta: dict) -> str:
     front = yaml.safe_dump(meta, sort_keys=False).strip()
     overall = recipe["sparsity"]["overall"]
     source = base_model or recipe["input"]["model"]
+    link = f"[{source}]({'https://huggingface.co/' + source if base_model else source})"
     lines = [
         f"---\n{front}\n---",
-        f"# {source} pruned to {overall:.1%} sparsity",
-        "",
-        f"This model is [{source}]({'https://huggingface.co/' + source if base_model else source}) with "
-        f"{overall:.1%} of the weights of its decoder layers' linear layers set to zero by "
-        f"[llmprune](https://pypi.org/project/llmprune/) ({cfg['method']}, {cfg['pattern']}). "
-        + _storage_sentence(recipe),
+        *_intro(recipe, source, link, overall),
         "",
         *_loading_section(recipe),
         "## Recipe",

@@ -19,6 +19,9 @@ import torch
 from .errors import LlmpruneError
 
 
+STRUCTURED = ("channels", "heads", "kv-heads", "layers")
+
+
 @dataclass(frozen=True)
 class Pattern:
     """How a matrix is pruned: "unstructured", or N:M with ``n`` zeroed of every ``m``."""
@@ -31,15 +34,23 @@ class Pattern:
     def parse(cls, text: str) -> Pattern:
         if text == "unstructured":
             return cls()
+        if text in STRUCTURED:
+            return cls(text)
         parts = text.split(":")
         if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
             raise LlmpruneError(
-                f"malformed pattern {text!r}: expected 'unstructured' or N:M with integers, e.g. 2:4"
+                f"malformed pattern {text!r}: expected 'unstructured', N:M with integers (e.g. 2:4), "
+                f"or one of {', '.join(STRUCTURED)}"
             )
         n, m = int(parts[0]), int(parts[1])
         if m < 2 or not 0 < n < m:
             raise LlmpruneError(f"malformed N:M pattern {text!r}: need 0 < N < M")
         return cls("nm", n, m)
+
+    @property
+    def structured(self) -> bool:
+        """Whole units are removed and the model shrinks (MLP channels, heads, KV groups, layers)."""
+        return self.kind in STRUCTURED
 
     @property
     def sparsity(self) -> float | None:
@@ -166,3 +177,16 @@ def is_n_m(weight: torch.Tensor, n: int, m: int) -> bool:
         return False
     zeros = (weight.reshape(rows, cols // m, m) == 0).sum(dim=2)
     return bool((zeros >= n).all())
+
+
+def units(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep-mask over structured units: the ``k`` lowest-scoring units of each block are removed.
+
+    ``scores`` is (blocks, units per block), e.g. query heads within their KV group, or one block of
+    MLP channels; every block loses exactly ``k``, so the result keeps one size for all blocks. Ties
+    go to the lower index, as everywhere here.
+    """
+    order = torch.sort(scores, dim=1, stable=True).indices  # (blocks, per_block), ascending
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    keep.scatter_(1, order[:, :k], False)
+    return keep

@@ -26,7 +26,7 @@ import torch
 import transformers
 from transformers import GenerationConfig
 
-from . import __version__, criteria, hub, ratios, sparse
+from . import __version__, criteria, hub, ratios, sparse, structured
 from .arch import Layout, Outer, as_out_in, layout_of, load_config
 from .calibrate import CalibratedPruneStep, OutlierStep
 from .checkpoint import Checkpoint, ShardWriter, SparseShardWriter, TensorSpec, parse_size, resolve
@@ -128,6 +128,8 @@ class PruneStep:
 def default_output(cfg: PruneConfig) -> Path:
     stem = Path(cfg.model.rstrip("/")).name.replace("packaged:", "")
     label = cfg.pattern.replace(":", "of") if cfg.pattern != "unstructured" else f"{round(cfg.sparsity * 100)}"
+    if cfg.parsed_pattern.structured:
+        label = f"{cfg.pattern}{round(cfg.sparsity * 100)}"
     return Path(f"{stem}-{cfg.method}-{label}")
 
 
@@ -313,7 +315,10 @@ def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True) -
         dense = perplexity(source.folder, windows, cfg, progress)
         recipe["eval"] = {"data": cfg.eval, "seqlen": windows.shape[1], "windows": windows.shape[0], "dense": dense}
 
-    if criterion.needs_calibration or cfg.ratios == "owl":
+    shrink = None
+    if cfg.parsed_pattern.structured:
+        step = shrink = structured.plan(cfg, source, device, recipe, progress)
+    elif criterion.needs_calibration or cfg.ratios == "owl":
         outer, ids, store = calibration(cfg, source, device)
         recipe["calibration"] = {"data": cfg.calib_data, "nsamples": ids.shape[0], "seqlen": ids.shape[1],
                                  "seed": cfg.seed}
@@ -328,6 +333,8 @@ def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True) -
     else:
         step = PruneStep(criterion, targets, cfg.parsed_pattern, cfg.norm)
     specs = output_specs(source.checkpoint, source.layout, cfg.torch_dtype)
+    if shrink is not None:
+        specs_in, specs = specs, shrink.specs(specs)
 
     try:
         with temp_output(output) as tmp:
@@ -338,6 +345,8 @@ def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True) -
                     progress=progress)
                 writer.close()
             copy_aux_files(source.folder, tmp, cfg.torch_dtype, list(compressed))
+            if shrink is not None:
+                shrink.write_config(tmp)
             if windows is not None:
                 pruned = perplexity(tmp, windows, cfg, progress)
                 recipe["eval"]["pruned"] = pruned
@@ -352,6 +361,8 @@ def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True) -
                 "sparsity": sparsity_summary(source, targets, step.zeros),
                 "save": save_summary(tmp, cfg.save_format, specs),
             })
+            if shrink is not None:
+                recipe["structured"] = shrink.summary(specs_in, specs)
             recipe["wall_time_s"] = round(time.perf_counter() - start, 3)
             recipe["peak_rss_mb"] = round(peak_rss_mb(), 1)
             (tmp / "llmprune.json").write_text(json.dumps(recipe, indent=2) + "\n")

@@ -1,0 +1,324 @@
+"""Structured pruning: remove whole units, so the output is a smaller dense model.
+
+``--pattern channels`` removes MLP intermediate channels, ``heads`` query heads (the same number in
+every KV group), ``kv-heads`` whole KV groups with their query heads, ``layers`` whole decoder layers.
+transformers' configs hold one intermediate size and one head count for all layers, so the ratio of
+channels and heads is uniform across layers; the output's shapes are therefore known before any
+layer is scored, and the shard layout is planned up front as for unstructured pruning. Which units
+go is decided per layer as the engine streams it:
+
+- ``magnitude``: the ``--norm`` (l1 or l2) of the unit's weights: its rows of the input linears and
+  its columns of the output linear;
+- ``wanda``: the unit's output norm on the calibration data, ||W_u X_u|| over all tokens, W_u being
+  the output linear's columns of the unit and X_u the unit's activations entering it; computed from
+  each unit's input Gram matrix (tokens never stored). States propagate through the pruned layers.
+
+Layers are ranked by block influence (ShortGPT): 1 - the mean cosine similarity of each token's
+hidden state entering and leaving the layer, on the calibration data, in one read-only pass over the
+dense model before writing; the lowest go, and the kept layers are renumbered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from . import masks
+from .arch import (Layout, Owned, Units, check_expressible, edit_config_json, renumbered, shrunk_config_values,
+                   units_of, without_layers)
+from .checkpoint import TensorSpec
+from .errors import LlmpruneError
+from .stream import Activations, Layer
+from .stream import layers as stream_layers
+
+if TYPE_CHECKING:
+    from .config import PruneConfig
+    from .pipeline import Source
+
+log = logging.getLogger(__name__)
+
+UNIT_NAMES = {"channels": "MLP channels", "heads": "query heads per KV group", "kv-heads": "KV groups",
+              "layers": "decoder layers"}
+
+
+def unit_norms(tensors: dict[str, torch.Tensor], units: Units, names: dict[str, str], norm: str) -> torch.Tensor:
+    """The ``norm`` of each unit's weights over all the tensors it owns, (units,) float32."""
+    total = None
+    for owned in units.tensors:
+        if not owned.name.endswith("weight"):
+            continue
+        t = tensors[names[owned.name]]
+        rows = t.float().movedim(owned.dim, 0).reshape(t.shape[owned.dim], -1)  # (positions, rest)
+        per_position = rows.abs().sum(1) if norm == "l1" else rows.square().sum(1)
+        if total is None:
+            total = torch.zeros(units.count, dtype=torch.float32, device=t.device)
+        mine = owned.owner >= 0
+        total.index_add_(0, owned.owner[mine].to(t.device), per_position[mine.to(t.device)])
+    return total if norm == "l1" else total.sqrt()
+
+
+def unit_columns(readout: Owned, count: int) -> torch.Tensor:
+    """(units, width) positions of each unit along the readout's input dimension."""
+    mine = torch.nonzero(readout.owner >= 0).squeeze(1)
+    order = mine[torch.argsort(readout.owner[mine], stable=True)]
+    return order.view(count, -1)
+
+
+@dataclass
+class UnitGram:
+    """Per-unit Gram matrix of the readout's input, sum over tokens of x_u x_u^T: (units, w, w)."""
+
+    columns: torch.Tensor  # (units, w)
+    gram: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])[:, self.columns.to(x.device)].float()  # (T, units, w)
+        g = torch.einsum("tus,tuv->usv", x, x)
+        self.gram = g if self.gram is None else self.gram + g
+
+    def output_norms(self, weight: torch.Tensor) -> torch.Tensor:
+        """||W_u X_u||_F per unit, for the readout ``weight`` as (out, in)."""
+        if self.gram is None:
+            raise LlmpruneError("wanda needs calibration activations, but none reached this layer")
+        w = weight.float()[:, self.columns.to(weight.device)]  # (out, units, w)
+        energy = (torch.einsum("ous,ouv->usv", w, w) * self.gram.to(w.device)).sum(dim=(1, 2))
+        return energy.clamp(min=0).sqrt()
+
+
+@dataclass
+class UnitStep:
+    """Engine step for channels and heads: score each layer's units, remove the lowest, slice."""
+
+    layout: Layout
+    units: list[Units]
+    remove: int  # units removed per block
+    norm: str
+    acts: Activations | None = None  # set for wanda
+    removed: dict[int, list[int]] = field(default_factory=dict)
+    zeros: dict[str, int] = field(default_factory=dict)  # elements removed per prunable matrix
+
+    def names(self, index: int) -> dict[str, str]:
+        prefix = self.layout.layer_prefix(index)
+        return {o.name: self.layout.checkpoint_name(prefix + o.name) for o in self.units[index].tensors}
+
+    @torch.no_grad()
+    def __call__(self, layer: Layer) -> dict[str, torch.Tensor]:
+        units, names = self.units[layer.index], self.names(layer.index)
+        module = layer.module() if self.acts is not None else None  # shares storage with layer.tensors
+        if module is None:
+            scores = unit_norms(layer.tensors, units, names, self.norm)
+        else:
+            scores = self.output_norms(module, layer.index, units)
+        keep = masks.units(scores.view(units.blocks, units.per_block), self.remove).reshape(-1).cpu()
+        self.removed[layer.index] = torch.nonzero(~keep).squeeze(1).tolist()
+        out = dict(layer.tensors)
+        for owned in units.tensors:
+            name = names[owned.name]
+            kept = torch.nonzero((owned.owner < 0) | keep[owned.owner.clamp(min=0)]).squeeze(1)
+            if module is not None:  # the next layer's inputs come from this layer without its units
+                gone = torch.nonzero((owned.owner >= 0) & ~keep[owned.owner.clamp(min=0)]).squeeze(1)
+                layer.tensors[name].index_fill_(owned.dim, gone.to(layer.tensors[name].device), 0)
+            out[name] = layer.tensors[name].index_select(owned.dim, kept.to(layer.tensors[name].device))
+        if module is not None:
+            self.acts.advance(module, layer.index)
+        for _, name in layer.linears():
+            self.zeros[name] = layer.tensors[name].numel() - out[name].numel()
+        return out
+
+    def output_norms(self, module: torch.nn.Module, index: int, units: Units) -> torch.Tensor:
+        readout = module.get_submodule(units.readout.name.rsplit(".", 1)[0])
+        gram = UnitGram(unit_columns(units.readout, units.count))
+        handle = readout.register_forward_hook(lambda m, args, out: gram.add(args[0]))
+        try:
+            self.acts.forward(module, index)
+        finally:
+            handle.remove()
+        weight = readout.weight
+        return gram.output_norms(weight if units.readout.dim == 1 else weight.t())
+
+
+@dataclass
+class LayerDropStep:
+    """Engine step for ``layers``: dropped layers write nothing, kept ones are renumbered."""
+
+    layout: Layout
+    dropped: set[int]
+    zeros: dict[str, int] = field(default_factory=dict)
+
+    def new_index(self, index: int) -> int:
+        return index - sum(1 for d in self.dropped if d < index)
+
+    def __call__(self, layer: Layer) -> dict[str, torch.Tensor]:
+        for _, name in layer.linears():
+            self.zeros[name] = layer.tensors[name].numel() if layer.index in self.dropped else 0
+        if layer.index in self.dropped:
+            return {}
+        return {renumbered(self.layout, n, self.new_index(layer.index)): t for n, t in layer.tensors.items()}
+
+
+@dataclass
+class InfluenceStep:
+    """Read-only pass: block influence of each dense layer, 1 - mean cos(h_in, h_out) over tokens."""
+
+    acts: Activations
+    scores: list[float] = field(default_factory=list)
+
+    @torch.no_grad()
+    def __call__(self, layer: Layer) -> None:
+        before = self.acts.hidden
+        self.acts.advance(layer.module(), layer.index)
+        cos = sum(float(F.cosine_similarity(a.float(), b.float(), dim=-1).sum(dtype=torch.float64))
+                  for a, b in zip(before, self.acts.hidden))
+        self.scores.append(1.0 - cos / self.acts.tokens)
+
+
+def removal_count(kind: str, per_block: int, ratio: float) -> int:
+    """Units removed per block at ``ratio``; refuses removing none or all."""
+    k = masks.prune_count(per_block, ratio)
+    what = UNIT_NAMES[kind]
+    if k == 0:
+        raise LlmpruneError(f"--sparsity {ratio} removes none of the {per_block} {what}: "
+                            f"the smallest ratio that removes one is {0.5 / per_block:.4g}")
+    if k >= per_block:
+        raise LlmpruneError(f"--sparsity {ratio} would remove all {per_block} {what}; "
+                            f"at most {(per_block - 0.5) / per_block:.4g} keeps one")
+    return k
+
+
+@dataclass
+class Shrink:
+    """A planned structured prune: the engine step, the output's tensor specs and config."""
+
+    layout: Layout
+    kind: str
+    ratio: float
+    step: UnitStep | LayerDropStep
+    values: dict[str, object]  # config attributes of the output (canonical names)
+    before: dict[str, object]
+    importance: str
+    influence: list[float] | None = None
+
+    def __call__(self, layer: Layer) -> dict[str, torch.Tensor]:
+        return self.step(layer)
+
+    @property
+    def zeros(self) -> dict[str, int]:
+        return self.step.zeros
+
+    def spec(self, spec: TensorSpec) -> TensorSpec | None:
+        """The output spec of an input tensor: reduced, renumbered, or None when it is dropped."""
+        index = self.layout.layer_of(spec.name)
+        if index is None:
+            return spec
+        if isinstance(self.step, LayerDropStep):
+            if index in self.step.dropped:
+                return None
+            return TensorSpec(renumbered(self.layout, spec.name, self.step.new_index(index)), spec.dtype, spec.shape)
+        rel = self.layout.model_name(spec.name)[len(self.layout.layer_prefix(index)):]
+        return TensorSpec(spec.name, spec.dtype, reduced_shape(self.step.units[index], rel, spec.shape,
+                                                               self.step.remove))
+
+    def specs(self, specs: list[TensorSpec]) -> list[TensorSpec]:
+        return [out for s in specs if (out := self.spec(s)) is not None]
+
+    def write_config(self, folder: Path) -> None:
+        path = folder / "config.json"
+        data = edit_config_json(self.layout.config, json.loads(path.read_text()), self.values)
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    def summary(self, specs_in: list[TensorSpec], specs_out: list[TensorSpec]) -> dict:
+        out = {
+            "pattern": self.kind, "ratio": self.ratio, "importance": self.importance,
+            "config": {k: {"before": self.before.get(k), "after": v} for k, v in self.values.items()},
+            "parameters": {"before": sum(math.prod(s.shape) for s in specs_in),
+                           "after": sum(math.prod(s.shape) for s in specs_out)},
+        }
+        if isinstance(self.step, LayerDropStep):
+            out["removed"] = sorted(self.step.dropped)
+            out["block_influence"] = self.influence
+        elif self.kind != "channels":  # channel lists would be long; heads and groups are few
+            out["removed"] = {str(i): r for i, r in self.step.removed.items()}
+        return out
+
+
+def reduced_shape(units: Units, name: str, shape: tuple[int, ...], remove: int) -> tuple[int, ...]:
+    """``shape`` of layer tensor ``name`` once ``remove`` units per block are gone."""
+    for owned in units.tensors:
+        if owned.name == name:
+            width = int((owned.owner >= 0).sum()) // units.count  # positions per unit
+            out = list(shape)
+            out[owned.dim] -= width * remove * units.blocks
+            return tuple(out)
+    return shape
+
+
+def check_options(cfg: PruneConfig) -> None:
+    if cfg.method not in ("magnitude", "wanda"):
+        raise LlmpruneError(f"--pattern {cfg.pattern} ranks units by magnitude or wanda, not {cfg.method}")
+    for flag, value in (("--ratios", cfg.ratios), ("--schedule", cfg.schedule), ("--true-sequential", cfg.true_sequential)):
+        if value:
+            raise LlmpruneError(f"{flag} does not apply to --pattern {cfg.pattern}: transformers' configs need one "
+                                "size for all layers, so the ratio is uniform")
+
+
+def plan(cfg: PruneConfig, source: Source, device: torch.device, recipe: dict, progress: bool = True) -> Shrink:
+    """Everything fixed before writing: units, counts, the output config (checked against
+    transformers), and for layers the block influence pass."""
+    layout, kind = source.layout, cfg.parsed_pattern.kind
+    text = layout.config.get_text_config()
+    if kind == "layers":
+        return _plan_layers(cfg, source, device, recipe, progress)
+    units = [units_of(layout, i, kind) for i in range(layout.num_layers)]
+    if len({(u.blocks, u.per_block) for u in units}) != 1:
+        raise LlmpruneError(f"--pattern {kind}: decoder layers differ in their number of units")
+    remove = removal_count(kind, units[0].per_block, cfg.sparsity)
+    values = shrunk_config_values(layout, units[0], units[0].per_block - remove)
+    check_expressible(layout, values, {
+        i: {n: reduced_shape(units[i], n, tuple(p.shape), remove) for n, p in layout.layer_module(i).named_parameters()}
+        for i in range(layout.num_layers)})
+    acts = None
+    if cfg.method == "wanda":
+        acts = _calibrated_activations(cfg, source, device, recipe)
+    step = UnitStep(layout, units, remove, cfg.norm, acts)
+    importance = ("output norm on calibration data (wanda)" if acts is not None
+                  else f"{cfg.norm} norm of the unit's weights")
+    before = {k: getattr(text, k, None) for k in values}
+    log.info("%s: removing %d of %d %s in each of %d layers (%s)", kind, remove * units[0].blocks, units[0].count,
+             UNIT_NAMES[kind], layout.num_layers, importance)
+    return Shrink(layout, kind, cfg.sparsity, step, values, before, importance)
+
+
+def _calibrated_activations(cfg: PruneConfig, source: Source, device: torch.device, recipe: dict) -> Activations:
+    from .pipeline import CALIB_BATCH, calibration
+
+    outer, ids, store = calibration(cfg, source, device)
+    recipe["calibration"] = {"data": cfg.calib_data, "nsamples": ids.shape[0], "seqlen": ids.shape[1],
+                             "seed": cfg.seed}
+    return Activations(outer, ids, CALIB_BATCH, store)
+
+
+def _plan_layers(cfg: PruneConfig, source: Source, device: torch.device, recipe: dict, progress: bool) -> Shrink:
+    layout = source.layout
+    remove = removal_count("layers", layout.num_layers, cfg.sparsity)
+    influence = InfluenceStep(_calibrated_activations(cfg, source, device, recipe))
+    for layer in stream_layers(source.checkpoint, layout, device, desc="block influence", progress=progress):
+        influence(layer)
+    scores = torch.tensor(influence.scores, dtype=torch.float64)
+    dropped = set(torch.nonzero(~masks.units(scores[None], remove)[0]).squeeze(1).tolist())
+    values = without_layers(layout, dropped)
+    kept = [i for i in range(layout.num_layers) if i not in dropped]
+    check_expressible(layout, values, {new: {n: tuple(p.shape) for n, p in layout.layer_module(old).named_parameters()}
+                                       for new, old in enumerate(kept)})
+    text = layout.config.get_text_config()
+    before = {k: getattr(text, k, None) for k in values}
+    log.info("layers: removing %s of %d (lowest block influence)", sorted(dropped), layout.num_layers)
+    return Shrink(layout, "layers", cfg.sparsity, LayerDropStep(layout, dropped), values, before,
+                  "block influence (1 - mean cosine of hidden states in and out)", influence.scores)
