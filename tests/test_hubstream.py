@@ -1,0 +1,55 @@
+"""--stream-from-hub against a local Hub (HF_ENDPOINT): shards fetched one at a time, deleted once read."""
+
+import json
+
+import pytest
+
+from conftest import build_tiny, run_cli, tree_hash
+from hubmock import HubMock
+
+MODEL_FILES = ("llmprune.json", "README.md")  # the card and recipe name the source, which differs
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    import tempfile
+
+    from huggingface_hub import constants
+
+    src = build_tiny("llama", tmp_path / "src", shard="60KB")
+    server = HubMock({"acme/tiny": src})
+    # huggingface_hub reads these once, when it is imported
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setattr(constants, "ENDPOINT", server.url)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    (tmp_path / "scratch").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "scratch"))
+    yield server, src
+    server.close()
+
+
+def test_stream_from_hub_holds_few_shards_and_matches_a_local_run(hub, tmp_path):
+    server, src = hub
+    shards = sorted(p.name for p in src.glob("*.safetensors"))
+    assert len(shards) >= 5
+    held = []
+    server.on_get = lambda name: held.append(len(list((tmp_path / "scratch").rglob("model-*.safetensors"))))
+
+    out = tmp_path / "out"
+    assert run_cli("acme/tiny", "--sparsity", "0.5", "--stream-from-hub", "-o", out, "-q") == 0
+    local = tmp_path / "local"
+    assert run_cli(src, "--sparsity", "0.5", "-o", local, "-q") == 0
+    assert tree_hash(out, MODEL_FILES) == tree_hash(local, MODEL_FILES)
+
+    downloads = [p.rsplit("/", 1)[-1] for m, p, r in server.requests if m == "GET" and r is None and
+                 p.endswith(".safetensors")]
+    assert sorted(downloads) == shards  # every shard exactly once
+    assert max(held) <= 2  # at most two shards on disk when the next one is fetched
+    assert list((tmp_path / "scratch").iterdir()) == []  # nothing left behind
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))  # weights never went to the cache
+    recipe = json.loads((out / "llmprune.json").read_text())
+    assert recipe["input"]["commit"] == "0123456789abcdef0123456789abcdef01234567"
+    assert recipe["input"]["shards"] == json.loads((local / "llmprune.json").read_text())["input"]["shards"]
