@@ -171,16 +171,21 @@ class Checkpoint:
             if not (folder / name).is_file():
                 raise LlmpruneError(f"{INDEX_NAME} names {name}, which is missing from {folder}")
             self.shards[name] = Shard(folder / name)
-        self.location: dict[str, Shard] = {}
+        self.location = self._locate(weight_map)
+
+    def _locate(self, weight_map: dict[str, str] | None) -> dict[str, Shard]:
+        """Tensor name -> shard, in the index's order (which the output's layout follows)."""
+        location: dict[str, Shard] = {}
         if weight_map is None:
             for shard in self.shards.values():
-                self.location.update({n: shard for n in shard.entries})
+                location.update({n: shard for n in shard.entries})
         else:
             for tensor, file in weight_map.items():
                 shard = self.shards[file]
                 if tensor not in shard.entries:
                     raise LlmpruneError(f"{INDEX_NAME} names tensor {tensor!r}, which {file} does not contain")
-                self.location[tensor] = shard
+                location[tensor] = shard
+        return location
 
     @property
     def names(self) -> list[str]:

@@ -82,14 +82,7 @@ class HubCheckpoint(Checkpoint):
         else:
             weight_map, files = None, [SINGLE_NAME]
         self.shards = {f: RemoteShard(repo, commit, f, self.workdir) for f in files}
-        self.location = {}
-        for file, shard in self.shards.items():
-            for tensor in shard.entries:
-                if weight_map is None or weight_map.get(tensor) == file:
-                    self.location[tensor] = shard
-        missing = sorted(set(weight_map or {}) - set(self.location))
-        if missing:
-            raise LlmpruneError(f"{INDEX_NAME} names tensor {missing[0]!r}, which its shard does not contain")
+        self.location = self._locate(weight_map)
 
     def close(self) -> None:
         super().close()

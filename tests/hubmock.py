@@ -57,6 +57,10 @@ class HubMock:
             if repo not in self.repos:
                 return self.send(h, 404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"}, head)
             files = sorted(p.name for p in self.repos[repo].iterdir() if p.is_file())
+            if len(parts) >= 5 and parts[4] == "tree":
+                tree = [{"type": "file", "path": f, "size": (self.repos[repo] / f).stat().st_size,
+                         "oid": hashlib.sha1((self.repos[repo] / f).read_bytes()).hexdigest()} for f in files]
+                return self.send(h, 200, json.dumps(tree).encode(), {"Content-Type": "application/json"}, head)
             info = {"id": repo, "modelId": repo, "sha": COMMIT, "private": False,
                     "siblings": [{"rfilename": f} for f in files]}
             return self.send(h, 200, json.dumps(info).encode(), {"Content-Type": "application/json"}, head)
