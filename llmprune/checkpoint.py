@@ -13,6 +13,8 @@ import json
 import logging
 import math
 import os
+import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +49,7 @@ class TensorSpec:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-def resolve(model: str, revision: str | None = None) -> tuple[Path, dict]:
+def resolve(model: str, revision: str | None = None, weights: bool = True) -> tuple[Path, dict]:
     """A local folder for ``model`` (a folder, or a Hub id fetched through the local cache).
 
     Returns the folder and a description of the source for the recipe (id, revision, commit).
@@ -63,7 +65,7 @@ def resolve(model: str, revision: str | None = None) -> tuple[Path, dict]:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*", "README.md"]
+    patterns = ["*.json", "*.model", "*.txt", "*.jinja", "tokenizer*", "README.md"] + (["*.safetensors"] if weights else [])
     try:
         folder = snapshot_download(model, revision=revision, allow_patterns=patterns)
     except RepositoryNotFoundError:
@@ -82,18 +84,25 @@ def resolve(model: str, revision: str | None = None) -> tuple[Path, dict]:
 class Shard:
     """One safetensors file: its header, and positional reads of its tensors."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, header: tuple[bytes, int] | None = None):
+        """``header``: the JSON header and file size when they were fetched without the file."""
         self.path = path
         try:
-            self.size = path.stat().st_size
-            with open(path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise ValueError("file shorter than a header")
-                n = int.from_bytes(head, "little")
-                if not 0 < n <= min(_MAX_HEADER, self.size - 8):
+            if header is None:
+                self.size = path.stat().st_size
+                with open(path, "rb") as f:
+                    head = f.read(8)
+                    if len(head) < 8:
+                        raise ValueError("file shorter than a header")
+                    n = int.from_bytes(head, "little")
+                    if not 0 < n <= min(_MAX_HEADER, self.size - 8):
+                        raise ValueError("header length out of range")
+                    self.header_bytes = f.read(n)
+            else:
+                self.header_bytes, self.size = header
+                n = len(self.header_bytes)
+                if not 0 < n <= _MAX_HEADER:
                     raise ValueError("header length out of range")
-                self.header_bytes = f.read(n)
             header = json.loads(self.header_bytes)
         except (OSError, ValueError, UnicodeDecodeError) as err:
             raise LlmpruneError(f"corrupt safetensors file {path.name}: {err}") from None
@@ -163,19 +172,24 @@ class Checkpoint:
             if not (folder / name).is_file():
                 raise LlmpruneError(f"{INDEX_NAME} names {name}, which is missing from {folder}")
             self.shards[name] = Shard(folder / name)
-        self.location: dict[str, Shard] = {}  # stored tensor name -> its shard
+        self.location = self._locate(weight_map)  # stored tensor name -> its shard
+        self.compressed = self._compressed_specs(sparse.folder_compressed_names(folder))
+        self._names = self._logical_names()
+        self._name_set = set(self._names)
+
+    def _locate(self, weight_map: dict[str, str] | None) -> dict[str, Shard]:
+        """Tensor name -> shard, in the index's order (which the output's layout follows)."""
+        location: dict[str, Shard] = {}
         if weight_map is None:
             for shard in self.shards.values():
-                self.location.update({n: shard for n in shard.entries})
+                location.update({n: shard for n in shard.entries})
         else:
             for tensor, file in weight_map.items():
                 shard = self.shards[file]
                 if tensor not in shard.entries:
                     raise LlmpruneError(f"{INDEX_NAME} names tensor {tensor!r}, which {file} does not contain")
-                self.location[tensor] = shard
-        self.compressed = self._compressed_specs(sparse.folder_compressed_names(folder))
-        self._names = self._logical_names()
-        self._name_set = set(self._names)
+                location[tensor] = shard
+        return location
 
     def _compressed_specs(self, names: list[str]) -> dict[str, TensorSpec]:
         """Dense specs of the matrices stored in llmprune's sparse format (see llmprune.sparse)."""
@@ -256,10 +270,11 @@ class ShardWriter:
 
     Every tensor's offset is known before any data arrives, so tensors are written one at a time
     in any order and memory stays O(one tensor). ``close`` checks that every planned tensor came
-    and writes the index.
+    and writes the index. With ``resume`` the shards of an interrupted run with the same plan are
+    reopened as they are (their headers must match the plan) instead of being created afresh.
     """
 
-    def __init__(self, folder: Path, specs: list[TensorSpec], max_shard_bytes: int):
+    def __init__(self, folder: Path, specs: list[TensorSpec], max_shard_bytes: int, resume: bool = False):
         self.folder = folder
         groups = _group(specs, [spec.nbytes for spec in specs], max_shard_bytes)
         self.files = _shard_files(len(groups))
@@ -267,36 +282,76 @@ class ShardWriter:
         self.fds: list[int] = []
         self.pending = {spec.name for spec in specs}
         self.total_bytes = sum(spec.nbytes for spec in specs)
-        for i, (file, group) in enumerate(zip(self.files, groups)):
-            header, offset = {}, 0
-            for spec in group:
-                header[spec.name] = {"dtype": DTYPE_NAMES[spec.dtype], "shape": list(spec.shape),
-                                     "data_offsets": [offset, offset + spec.nbytes]}
-                offset += spec.nbytes
-            header["__metadata__"] = {"format": "pt"}
-            raw = json.dumps(header, separators=(",", ":")).encode()
-            raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
-            fd = os.open(folder / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            self.fds.append(fd)
-            _write_all(fd, len(raw).to_bytes(8, "little") + raw, 0)
-            os.ftruncate(fd, 8 + len(raw) + offset)
-            for spec in group:
-                start = header[spec.name]["data_offsets"][0]
-                self.place[spec.name] = (i, 8 + len(raw) + start, spec)
+        heads = [self._plan(i, group) for i, group in enumerate(groups)]
+        check_free_space(folder, [(folder / f, len(h) + sum(s.nbytes for s in g)) for f, h, g in
+                                  zip(self.files, heads, groups)])
+        for file, head, group in zip(self.files, heads, groups):
+            self.fds.append(self._open(folder / file, head, len(head) + sum(s.nbytes for s in group), resume))
+
+    def _plan(self, i: int, group: list[TensorSpec]) -> bytes:
+        """Shard ``i``'s 8-byte length and JSON header; records where each tensor's data goes."""
+        header, offset = {}, 0
+        for spec in group:
+            header[spec.name] = {"dtype": DTYPE_NAMES[spec.dtype], "shape": list(spec.shape),
+                                 "data_offsets": [offset, offset + spec.nbytes]}
+            offset += spec.nbytes
+        header["__metadata__"] = {"format": "pt"}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+        for spec in group:
+            self.place[spec.name] = (i, 8 + len(raw) + header[spec.name]["data_offsets"][0], spec)
+        return len(raw).to_bytes(8, "little") + raw
+
+    @staticmethod
+    def _open(path: Path, head: bytes, size: int, resume: bool) -> int:
+        if resume:
+            fd = os.open(path, os.O_RDWR)
+            if os.fstat(fd).st_size != size or os.pread(fd, len(head), 0) != head:
+                os.close(fd)
+                raise LlmpruneError(f"{path} does not match the planned output: cannot resume into it")
+            return fd
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        _write_all(fd, head, 0)
+        os.ftruncate(fd, size)
+        return fd
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         index, offset, spec = self.place[name]
         if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise ValueError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, planned {spec.dtype} {spec.shape}")
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        _write_all(self.fds[index], memoryview(data), offset)
+        data = memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+        if fault_point(f"tensor:{name}", kill=False):  # a crash in the middle of this tensor
+            _write_all(self.fds[index], data[: len(data) // 2], offset)
+            fault_point(f"tensor:{name}")
+        _write_all(self.fds[index], data, offset)
         self.pending.discard(name)
+
+    def digest(self, name: str) -> str:
+        """SHA-256 of a tensor's bytes as they are in its shard now."""
+        index, offset, spec = self.place[name]
+        h, done = hashlib.sha256(), 0
+        while done < spec.nbytes:
+            chunk = os.pread(self.fds[index], min(1 << 24, spec.nbytes - done), offset + done)
+            if not chunk:
+                break
+            h.update(chunk)
+            done += len(chunk)
+        return h.hexdigest()
+
+    def mark_written(self, names) -> None:
+        """Tensors an interrupted run already wrote (and a journal vouches for)."""
+        self.pending.difference_update(names)
+
+    def flush(self) -> None:
+        """Make everything written so far durable."""
+        for fd in self.fds:
+            os.fsync(fd)
 
     def close(self) -> None:
         if self.pending:
             raise RuntimeError(f"{len(self.pending)} planned tensors never written, e.g. {sorted(self.pending)[0]}")
+        self.flush()
         for fd in self.fds:
-            os.fsync(fd)
             os.close(fd)
         self.fds = []
         _write_index(self.folder, self.files, {name: i for name, (i, _, _) in self.place.items()}, self.total_bytes)
@@ -444,6 +499,34 @@ class SparseShardWriter:
 
     def abort(self) -> None:
         self.out.abort()
+
+
+DISK_MARGIN = 16 * 2**20  # room for the index, config, tokenizer and model card
+
+
+def check_free_space(folder: Path, files: list[tuple[Path, int]]) -> None:
+    """Refuse before writing when ``files`` (path, final size) cannot fit on ``folder``'s disk.
+
+    Space an interrupted run's files already hold counts as available to them.
+    """
+    held = sum(p.stat().st_blocks * 512 for p, _ in files if p.is_file())
+    need = sum(size for _, size in files) + DISK_MARGIN - held
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise LlmpruneError(f"not enough free disk space in {folder.parent}: the output needs {need / 1e9:.3f} GB "
+                            f"more, {free / 1e9:.3f} GB free")
+
+
+def fault_point(label: str, kill: bool = True) -> bool:
+    """Testing hook: with LLMPRUNE_FAULT_AT=label the process is SIGKILLed here (no cleanup runs).
+
+    ``kill=False`` only asks whether the fault is armed at ``label``.
+    """
+    armed = os.environ.get("LLMPRUNE_FAULT_AT") == label
+    if armed and kill:
+        log.warning("fault injected at %s: killing the process", label)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return armed
 
 
 def _write_all(fd: int, data, offset: int) -> None:

@@ -62,6 +62,11 @@ def prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-format", default="dense", choices=SAVE_FORMATS,
                    help="dense (default; any runtime) or sparse-bitmask (compressed; load via llmprune)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--resume", action="store_true",
+                   help="require an interrupted run of the same command to continue (rerunning it resumes anyway)")
+    p.add_argument("--max-memory", help="memory budget, e.g. 8GB (the device) or cpu=8GB,cuda=20GB")
+    p.add_argument("--stream-from-hub", action="store_true",
+                   help="Hub models: download shards one at a time and delete each once consumed (bounded disk)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or summary")
     h = p.add_argument_group("Hugging Face Hub (credentials: saved login or HF_TOKEN; endpoint: HF_ENDPOINT)")
     h.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the output to this Hub repo after the run")
@@ -103,6 +108,7 @@ def run_prune(argv: list[str]) -> int:
         true_sequential=args.true_sequential, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
         eval=args.eval, eval_seqlen=args.eval_seqlen, eval_max_windows=args.eval_max_windows,
         finetune=FinetuneConfig(model="", **finetune_options(args, "finetune-")) if args.finetune_steps else None,
+        resume=args.resume, max_memory=args.max_memory, stream_from_hub=args.stream_from_hub,
     )
     recipe = prune(cfg, command=shlex.join(["llmprune", *argv]), progress=not args.quiet)
     if not args.quiet:
@@ -199,6 +205,7 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="force layer-by-layer evaluation on or off (default: stream only when the model does not fit)")
     p.add_argument("--revision", help="Hub branch, tag or commit")
+    p.add_argument("--max-memory", help="memory budget, e.g. 8GB (the device) or cpu=8GB,cuda=20GB")
     p.add_argument("--tasks", help="zero-shot tasks through lm-evaluation-harness, e.g. hellaswag,arc_easy")
     p.add_argument("--json", help="write the result as JSON to this file")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars; print only the perplexity")
@@ -214,7 +221,7 @@ def run_eval(argv: list[str]) -> int:
     cfg = EvalConfig(
         model=args.model, data=args.data, seqlen=args.seqlen, max_windows=args.max_windows,
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, stream=args.stream,
-        revision=args.revision, tasks=args.tasks or (), json_path=args.json,
+        revision=args.revision, tasks=args.tasks or (), json_path=args.json, max_memory=args.max_memory,
     )
     result = run(cfg, command=shlex.join(["llmprune", "eval", *argv]), progress=not args.quiet)
     print(f"{result.perplexity:.4f}" if args.quiet else eval_summary(result))
@@ -293,6 +300,7 @@ def finetune_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="output dtype: float32, float16 or bfloat16 (default: the input's)")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder (or the input itself)")
+    p.add_argument("--max-memory", help="memory budget, e.g. 8GB (the device) or cpu=8GB,cuda=20GB")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or summary")
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval", metavar="DATA", help="perplexity before and after on DATA (sotu, wikitext2, c4, auto or a path)")
@@ -319,7 +327,7 @@ def run_finetune(argv: list[str]) -> int:
     cfg = FinetuneConfig(
         model=args.model, output=args.output, device=args.device, dtype=args.dtype, max_shard_size=args.max_shard_size,
         overwrite=args.overwrite, eval=args.eval, eval_seqlen=args.eval_seqlen, eval_max_windows=args.eval_max_windows,
-        **finetune_options(args),
+        max_memory=args.max_memory, **finetune_options(args),
     )
     recipe = finetune(cfg, command=shlex.join(["llmprune", "finetune", *argv]), progress=not args.quiet)
     if recipe and not args.quiet:

@@ -68,6 +68,9 @@ class PruneConfig(Options):
     # a mask-preserving fine-tune of the pruned model before it is written (None or 0 steps: none);
     # its model, output, device, dtype and evaluation come from this run
     finetune: FinetuneConfig | None = None
+    resume: bool = False  # require an interrupted run of the same options to continue (it is continued anyway)
+    max_memory: str | None = None  # e.g. "cpu=8GB,cuda=20GB" or "20GB" (the execution device)
+    stream_from_hub: bool = False  # download a Hub model's shards one at a time, deleting each once read
 
     def __post_init__(self) -> None:
         if isinstance(self.finetune, dict):
@@ -108,6 +111,9 @@ class PruneConfig(Options):
             raise LlmpruneError("--owl-m must be > 0 and --owl-lambda in [0, 0.5)")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise LlmpruneError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        from .memory import parse_budget
+
+        parse_budget(self.max_memory)
         if self.device != "auto" and not self.device.startswith(("cpu", "cuda", "mps", "xpu")):
             raise LlmpruneError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.save_format not in SAVE_FORMATS:
@@ -153,6 +159,7 @@ class EvalConfig(Options):
     revision: str | None = None
     tasks: tuple[str, ...] = ()  # zero-shot tasks for lm-evaluation-harness, e.g. ("hellaswag", "arc_easy")
     json_path: str | None = None  # where the JSON report goes
+    max_memory: str | None = None  # e.g. "20GB" (the device) or "cpu=8GB,cuda=20GB"
 
     def __post_init__(self) -> None:
         if isinstance(self.tasks, str):
@@ -167,6 +174,9 @@ class EvalConfig(Options):
                 raise LlmpruneError(f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise LlmpruneError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        from .memory import parse_budget
+
+        parse_budget(self.max_memory)
         if self.device != "auto" and not self.device.startswith(("cpu", "cuda", "mps", "xpu")):
             raise LlmpruneError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.stream not in (None, True, False):
@@ -219,6 +229,7 @@ class FinetuneConfig(Options):
     eval: str | None = None  # perplexity before and after on this data
     eval_seqlen: int = 2048
     eval_max_windows: int | None = None
+    max_memory: str | None = None  # e.g. "20GB" (the device) or "cpu=8GB,cuda=20GB"
 
     def __post_init__(self) -> None:
         for name, minimum in (("steps", 0), ("batch_size", 1), ("grad_accum", 1), ("seqlen", 2), ("nsamples", 1),
@@ -242,6 +253,9 @@ class FinetuneConfig(Options):
                 raise LlmpruneError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise LlmpruneError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        from .memory import parse_budget
+
+        parse_budget(self.max_memory)
         if self.device != "auto" and not self.device.startswith(("cpu", "cuda", "mps", "xpu")):
             raise LlmpruneError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
         from .checkpoint import parse_size

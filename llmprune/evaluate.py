@@ -43,6 +43,7 @@ from . import data as data_sources
 from .checkpoint import Checkpoint
 from .config import DTYPES, EvalConfig, resolve_device
 from .errors import LlmpruneError
+from .memory import available_memory, limit, parse_budget, require
 
 # The model machinery (transformers, arch, pipeline) is imported inside the functions that use it:
 # llmprune/__init__.py imports this module eagerly (see there), and `import llmprune` should not
@@ -133,9 +134,9 @@ def check_seqlen(config: PretrainedConfig, seqlen: int) -> None:
         raise LlmpruneError(f"--seqlen must be at least 2 (a window predicts seqlen - 1 tokens), got {seqlen}")
     from .arch import context_length
 
-    limit = context_length(config)
-    if limit is not None and seqlen > limit:
-        raise LlmpruneError(f"--seqlen {seqlen} exceeds the model's context of {limit} tokens")
+    context = context_length(config)
+    if context is not None and seqlen > context:
+        raise LlmpruneError(f"--seqlen {seqlen} exceeds the model's context of {context} tokens")
 
 
 def check_windows(windows: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
@@ -178,27 +179,6 @@ def choose_stream(weight_bytes: int, available_bytes: int | None) -> bool:
     return weight_bytes > WHOLE_MODEL_SHARE * available_bytes
 
 
-def available_memory(device: torch.device) -> int | None:
-    """Bytes free for a new model: free GPU memory, else the CPU's available RAM (None: unknown)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type != "cpu":
-        return None
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        pass
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024  # reported in kB
-    except OSError:
-        pass
-    return None
-
-
 def default_dtype(device: torch.device, checkpoint: Checkpoint) -> torch.dtype:
     """float32 on the CPU (16-bit matmuls there are slow and coarse); on a GPU the checkpoint's
     16-bit dtype, or bfloat16 (float16 without bf16 support) for a float32 checkpoint."""
@@ -233,12 +213,13 @@ def auto_batch_size(device: torch.device, seqlen: int, vocab_size: int) -> int:
 def evaluate(model: str | os.PathLike | torch.nn.Module, data: str = "auto", seqlen: int = 2048, *,
              windows: torch.Tensor | None = None, max_windows: int | None = None, batch_size: int | None = None,
              device: str = "auto", dtype: str | torch.dtype | None = None, stream: bool | None = None,
-             revision: str | None = None, progress: bool = True) -> EvalResult:
+             revision: str | None = None, progress: bool = True, max_memory: str | None = None) -> EvalResult:
     """Perplexity of ``model`` (a folder, Hub id, ``packaged:smollm2``, or a loaded ``PreTrainedModel``).
 
     ``windows``: precomputed (n, T) token ids (from ``load_windows``); ``data``, ``seqlen`` and
     ``max_windows`` then only label the result. ``stream``: True / False forces the mode, None
-    chooses it from free memory. ``dtype`` None: float32 on CPU, 16-bit on GPU (``default_dtype``).
+    chooses it from free memory, capped by ``max_memory`` (e.g. "20GB" or "cpu=8GB,cuda=20GB").
+    ``dtype`` None: float32 on CPU, 16-bit on GPU (``default_dtype``).
     """
     if isinstance(model, torch.nn.Module):
         return _evaluate_loaded(model, data, seqlen, windows, max_windows, batch_size, progress)
@@ -258,13 +239,15 @@ def evaluate(model: str | os.PathLike | torch.nn.Module, data: str = "auto", seq
         windows = check_windows(windows, getattr(config, "vocab_size", None))
         target = resolve_device(device)
         torch_dtype = _as_dtype(dtype) or default_dtype(target, source.checkpoint)
+        budget = parse_budget(max_memory)
         if stream is None:
-            needed, free = weight_bytes(source.checkpoint, torch_dtype), available_memory(target)
+            needed, free = weight_bytes(source.checkpoint, torch_dtype), limit(target, budget, available_memory(target))
             stream = choose_stream(needed, free)
             log.info("%s mode: weights %.2f GB at %s, %s available on %s", "streamed" if stream else "whole-model",
                      needed / 1e9, _dtype_name(torch_dtype), "unknown" if free is None else f"{free / 1e9:.2f} GB",
                      target)
         batch = batch_size or auto_batch_size(target, windows.shape[1], config.vocab_size)
+        check_budget(source, stream, batch, windows.shape[1], target, torch_dtype, budget)
         if stream:
             total = _streamed_nll(source, windows, batch, target, torch_dtype, progress)
         else:
@@ -344,6 +327,23 @@ def _forward_nll(model: torch.nn.Module, windows: torch.Tensor, batch: int, devi
 
 
 @torch.inference_mode()
+def check_budget(source: Source, stream: bool, batch: int, seqlen: int, device: torch.device, dtype: torch.dtype,
+                 budget: dict[str, int]) -> None:
+    """Refuse up front when the chosen mode cannot fit ``--max-memory``."""
+    from .stream import group_names
+
+    logits = batch * seqlen * source.layout.config.vocab_size * 4
+    if not stream:
+        require("whole-model evaluation", {"of weights": weight_bytes(source.checkpoint, dtype), "of logits": logits},
+                device, budget)
+        return
+    size = torch.empty((), dtype=dtype).element_size()
+    per_layer = group_names(source.checkpoint, source.layout)[1]
+    layer = max((sum(source.checkpoint.spec(n).nbytes // source.checkpoint.spec(n).dtype.itemsize * size
+                     for n in names) for names in per_layer), default=0)
+    require("streamed evaluation", {"for 2 layers in flight": 2 * layer, "of logits": logits}, device, budget)
+
+
 def _streamed_nll(source: Source, windows: torch.Tensor, batch: int, device: torch.device, dtype: torch.dtype,
                   progress: bool) -> torch.Tensor:
     """Every batch through layer i, then i + 1, ... on the layer stream; each layer read once."""
@@ -426,7 +426,8 @@ def run(cfg: EvalConfig, command: str | None = None, progress: bool = True) -> E
     if cfg.tasks:
         require_lm_eval()  # fail before the long perplexity run, not after
     result = evaluate(cfg.model, cfg.data, cfg.seqlen, max_windows=cfg.max_windows, batch_size=cfg.batch_size,
-                      device=cfg.device, dtype=cfg.dtype, stream=cfg.stream, revision=cfg.revision, progress=progress)
+                      device=cfg.device, dtype=cfg.dtype, stream=cfg.stream, revision=cfg.revision, progress=progress,
+                      max_memory=cfg.max_memory)
     if cfg.tasks:
         result.tasks = run_tasks(model_folder(cfg.model, cfg.revision), cfg.tasks, torch.device(result.device),
                                  DTYPES[result.dtype], result.batch_size)

@@ -49,8 +49,9 @@ from . import data as data_sources
 from .checkpoint import ShardWriter, parse_size
 from .config import FinetuneConfig, resolve_device
 from .errors import LlmpruneError
-from .evaluate import available_memory, check_windows, evaluate, load_tokenizer, load_windows
+from .evaluate import check_windows, evaluate, load_tokenizer, load_windows
 from .hub import finetune_section
+from .memory import limit, parse_budget, require
 
 # The model machinery (transformers, arch, pipeline, stream) is imported inside the functions that
 # use it: llmprune/__init__.py imports this module eagerly (see there), and `import llmprune` should
@@ -672,13 +673,35 @@ def training_bytes(source: Source, cfg: FinetuneConfig, seqlen: int) -> int:
 
 
 def choose_mode(cfg: FinetuneConfig, source: Source, device: torch.device, seqlen: int) -> str:
-    if cfg.mode != "auto":
-        return cfg.mode
-    need, free = training_bytes(source, cfg, seqlen), available_memory(device)
-    mode = "whole" if free is None or need <= WHOLE_MODEL_SHARE * free else "blockwise"
-    log.info("%s mode: training needs about %.2f GB, %s available", mode, need / 1e9,
-             "unknown" if free is None else f"{free / 1e9:.2f} GB")
+    """whole or blockwise (auto: whole when training fits); refuses when ``--max-memory`` fits neither."""
+    budget = parse_budget(cfg.max_memory)
+    need = training_bytes(source, cfg, seqlen)
+    if cfg.mode == "auto":
+        free = limit(device, budget)
+        mode = "whole" if free is None or need <= WHOLE_MODEL_SHARE * free else "blockwise"
+        log.info("%s mode: training needs about %.2f GB, %s available", mode, need / 1e9,
+                 "unknown" if free is None else f"{free / 1e9:.2f} GB")
+    else:
+        mode = cfg.mode
+    if mode == "whole":
+        require("whole-model fine-tuning", {"for weights, gradients, optimiser state and activations": need},
+                device, budget)
+    else:
+        require("block-wise fine-tuning of one layer", blockwise_layer_bytes(source, cfg, seqlen), device, budget)
     return mode
+
+
+def blockwise_layer_bytes(source: Source, cfg: FinetuneConfig, seqlen: int) -> dict[str, int]:
+    """The big buffers of training one decoder layer: float32 sparse and dense copies, the trained
+    matrices' gradients and optimiser state, and one micro-batch's saved activations."""
+    from .stream import group_names
+
+    per_layer = group_names(source.checkpoint, source.layout)[1]
+    numel = max((sum(math.prod(source.checkpoint.spec(n).shape) for n in names) for names in per_layer), default=0)
+    state = 2 if cfg.optim == "adamw8bit" else 8
+    hidden = source.layout.config.get_text_config().hidden_size
+    return {"of layer weights, gradients and optimiser state": numel * (4 * 3 + state + 1),
+            "for one micro-batch": cfg.batch_size * seqlen * hidden * 4 * 24}
 
 
 def stored_dtype(source: Source) -> torch.dtype:

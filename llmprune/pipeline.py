@@ -26,14 +26,14 @@ import torch
 import transformers
 from transformers import GenerationConfig
 
-from . import __version__, criteria, hub, ratios, sparse, structured
+from . import __version__, criteria, hub, memory, ratios, resume, sparse, structured
 from .arch import Layout, Outer, as_out_in, layout_of, load_config
 from .calibrate import CalibratedPruneStep, OutlierStep
-from .checkpoint import Checkpoint, ShardWriter, SparseShardWriter, TensorSpec, parse_size, resolve
+from .checkpoint import Checkpoint, ShardWriter, SparseShardWriter, TensorSpec, fault_point, parse_size, resolve
 from .config import PruneConfig, resolve_device
 from .errors import LlmpruneError
 from .masks import Pattern
-from .stream import Activations, Layer, output_specs, run
+from .stream import Activations, Layer, group_names, output_specs, run
 from .stream import layers as stream_layers
 
 log = logging.getLogger(__name__)
@@ -54,15 +54,24 @@ class Source:
     layout: Layout
 
 
-def open_source(model: str, revision: str | None = None) -> Source:
-    """Resolve ``model`` and discover its structure; every failure is a one-line error."""
+def open_source(model: str, revision: str | None = None, stream_from_hub: bool = False) -> Source:
+    """Resolve ``model`` and discover its structure; every failure is a one-line error.
+
+    ``stream_from_hub``: a Hub id's shards are downloaded one at a time as they are read.
+    """
     from .packaged import resolve_packaged
 
     packaged = resolve_packaged(model)
-    folder, info = (packaged, {"model": model, "path": str(packaged)}) if packaged else resolve(model, revision)
+    folder, info = (packaged, {"model": model, "path": str(packaged)}) if packaged else \
+        resolve(model, revision, weights=not stream_from_hub)
     if not (folder / "config.json").is_file():
         raise LlmpruneError(f"{folder} has no config.json: not a Hugging Face model folder")
-    checkpoint = Checkpoint(folder)
+    if stream_from_hub and "commit" in info:
+        from .hubstream import HubCheckpoint
+
+        checkpoint = HubCheckpoint(folder, model, info["commit"])
+    else:
+        checkpoint = Checkpoint(folder)
     layout = layout_of(load_config(str(folder)))
     layout.match_checkpoint(set(checkpoint.names))
     return Source(folder, info, checkpoint, layout)
@@ -250,32 +259,55 @@ def sparsity_summary(source: Source, targets: dict[str, float], zeros: dict[str,
 
 
 CALIB_BATCH = 8  # calibration windows per forward call
-ACTIVATIONS_ON_DEVICE_SHARE = 0.3  # calibration states stay on the GPU within this share of free memory
 
 
-def calibration(cfg: PruneConfig, source: Source, device: torch.device) -> tuple[Outer, torch.Tensor, torch.device]:
-    """The model's embeddings and head, the calibration token windows, and where states are kept."""
-    from transformers import AutoTokenizer
-
-    from . import data
+def calibration_seqlen(cfg: PruneConfig, source: Source) -> int:
     from .arch import context_length
 
     context = context_length(source.layout.config)
-    seqlen = min(cfg.seqlen, context) if context else cfg.seqlen
+    return min(cfg.seqlen, context) if context else cfg.seqlen
+
+
+def layer_needs(cfg: PruneConfig, source: Source) -> memory.LayerNeeds:
+    """The big buffers of one layer step of ``cfg``, from the checkpoint's shapes and config."""
+    criterion = criteria.get(cfg.method)
+    calibrated = criterion.needs_calibration or cfg.ratios == "owl"
+    _, per_layer = group_names(source.checkpoint, source.layout)
+    spec = source.checkpoint.spec
+    weights = max((sum(spec(n).nbytes for n in names) for names in per_layer), default=0)
+    stats_bytes = getattr(criterion, "stats_bytes", None)
+    stats = 0
+    for index in range(source.layout.num_layers):
+        shapes = [as_out_in(torch.empty(spec(n).shape, device="meta"), lin).shape
+                  for lin, n in source.layout.linear_names(index) if n in source.checkpoint.location]
+        work = 3 * max((spec(n).nbytes for _, n in source.layout.linear_names(index)
+                        if n in source.checkpoint.location), default=0)  # scores, mask, pruned copy
+        stats = max(stats, work + (sum(stats_bytes(*s) for s in shapes) if stats_bytes and calibrated else 0))
+    text = source.layout.config.get_text_config()
+    hidden = getattr(text, "hidden_size", 0)
+    itemsize = spec(source.checkpoint.names[0]).dtype.itemsize
+    seqlen = calibration_seqlen(cfg, source)
+    width = 4 * hidden + 3 * (getattr(text, "intermediate_size", None) or 4 * hidden)
+    transient = CALIB_BATCH * seqlen * width * itemsize if calibrated else 0
+    states = cfg.nsamples * seqlen * hidden * itemsize if calibrated else 0
+    return memory.LayerNeeds(weights, stats, transient, states)
+
+
+def calibration(cfg: PruneConfig, source: Source, device: torch.device,
+                store: torch.device | Path) -> tuple[Outer, torch.Tensor]:
+    """The model's embeddings and head and the calibration token windows (states kept on ``store``)."""
+    from transformers import AutoTokenizer
+
+    from . import data
+
     tokenizer = AutoTokenizer.from_pretrained(source.folder)
-    ids = data.calibration_samples(tokenizer, cfg.calib_data, cfg.nsamples, seqlen, cfg.seed)
+    ids = data.calibration_samples(tokenizer, cfg.calib_data, cfg.nsamples, calibration_seqlen(cfg, source), cfg.seed)
     outer = Outer(source.layout, source.checkpoint.read, device)
-    store = torch.device("cpu")
-    if device.type == "cuda":
-        hidden = source.layout.config.get_text_config().hidden_size
-        need = ids.numel() * hidden * source.checkpoint.spec(source.checkpoint.names[0]).dtype.itemsize
-        if need < ACTIVATIONS_ON_DEVICE_SHARE * torch.cuda.mem_get_info(device)[0]:
-            store = device
     log.info("calibration: %d windows of %d tokens from %s, states on %s", *ids.shape, cfg.calib_data, store)
-    return outer, ids, store
+    return outer, ids
 
 
-def owl_targets(cfg: PruneConfig, source: Source, outer: Outer, ids: torch.Tensor, store: torch.device,
+def owl_targets(cfg: PruneConfig, source: Source, outer: Outer, ids: torch.Tensor, store: torch.device | Path,
                 device: torch.device, progress: bool) -> tuple[dict[str, float], list[float]]:
     """OWL: a read-only pass over the dense layers measures outliers; ratios follow from them."""
     step = OutlierStep(Activations(outer, ids, CALIB_BATCH, store), cfg.owl_m)
@@ -296,83 +328,150 @@ def evaluation_windows(cfg: PruneConfig, source: Source) -> torch.Tensor:
 def perplexity(folder: Path, windows: torch.Tensor, cfg: PruneConfig, progress: bool) -> dict:
     from .evaluate import evaluate
 
-    result = evaluate(str(folder), cfg.eval, windows=windows, device=cfg.device, progress=progress)
+    result = evaluate(str(folder), cfg.eval, windows=windows, device=cfg.device, progress=progress,
+                      max_memory=cfg.max_memory)
     return {"perplexity": result.perplexity, "mode": result.mode, "seconds": round(result.seconds, 2)}
 
 
+def make_step(cfg: PruneConfig, source: Source, device: torch.device, store: torch.device | Path,
+              targets: dict[str, float], journal: resume.Journal, recipe: dict,
+              progress: bool) -> tuple[object, Activations | None]:
+    """The engine step for ``cfg``, with its calibration activations when the criterion needs them."""
+    criterion = criteria.get(cfg.method)
+    if not (criterion.needs_calibration or cfg.ratios == "owl"):
+        return PruneStep(criterion, targets, cfg.parsed_pattern, cfg.norm), None
+    outer, ids = calibration(cfg, source, device, store)
+    recipe["calibration"] = {"data": cfg.calib_data, "nsamples": ids.shape[0], "seqlen": ids.shape[1],
+                             "seed": cfg.seed}
+    if cfg.ratios == "owl":
+        if "owl" not in journal.pre:
+            owl, outliers = owl_targets(cfg, source, outer, ids, store, device, progress)
+            journal.remember("owl", {"targets": owl, "outlier_ratios": outliers})
+        targets = journal.pre["owl"]["targets"]
+        recipe["owl"] = {"m": cfg.owl_m, "lambda": cfg.owl_lambda,
+                         "outlier_ratios": journal.pre["owl"]["outlier_ratios"]}
+    if not criterion.needs_calibration:
+        return PruneStep(criterion, targets, cfg.parsed_pattern, cfg.norm), None
+    acts = Activations(outer, ids, CALIB_BATCH, store)
+    return CalibratedPruneStep(criterion, targets, cfg.parsed_pattern, cfg.norm, acts, cfg.true_sequential), acts
+
+
+def stream_into(tmp: Path, cfg: PruneConfig, source: Source, step, acts: Activations | None,
+                journal: resume.Journal, device: torch.device, progress: bool, specs: list[TensorSpec],
+                compressed: dict[str, float], resumable: bool = True) -> None:
+    """Write the pruned shards into ``tmp``, continuing after the journal's last completed layer.
+
+    Only dense outputs of unchanged shapes are journalled layer by layer: a compressed writer learns
+    its sizes as tensors arrive and a structured run renames and reshapes, so those start afresh.
+    """
+    outside, per_layer = group_names(source.checkpoint, source.layout)
+    if not resumable:
+        writer = make_writer(tmp, specs, compressed, cfg.max_shard_size)
+        try:
+            run(source.checkpoint, source.layout, step, writer, device, cfg.torch_dtype, desc="prune",
+                progress=progress)
+            writer.close()
+        finally:
+            writer.abort()
+        fault_point("finalize")
+        return
+    done = journal.layers_done
+    writer = ShardWriter(tmp, specs, parse_size(cfg.max_shard_size), resume=done > 0)
+    try:
+        if done:
+            journal.verify(writer, per_layer[done - 1])
+            writer.mark_written(outside + [n for names in per_layer[:done] for n in names])
+            step.zeros.update(journal.zeros)
+            if acts is not None:
+                acts.load(journal.state_dir / journal.acts)
+        run(source.checkpoint, source.layout, step, writer, device, cfg.torch_dtype, desc="prune", progress=progress,
+            start=done, on_layer=journal.on_layer(writer, per_layer, outside, step, acts))
+        writer.close()
+    finally:
+        writer.abort()
+    fault_point("finalize")
+
+
 def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True) -> dict:
-    """Run ``cfg`` end to end; returns the recipe that is also written as llmprune.json."""
+    """Run ``cfg`` end to end; returns the recipe that is also written as llmprune.json.
+
+    An interrupted run of the same options beside the output is continued (see ``resume``).
+    """
     start = time.perf_counter()
-    source = open_source(cfg.model, cfg.revision)
+    source = open_source(cfg.model, cfg.revision, cfg.stream_from_hub)
     output = Path(cfg.output) if cfg.output else default_output(cfg)
     check_output(output, source.folder, cfg.overwrite)
     targets = plan_sparsity(cfg, source)
     device = resolve_device(cfg.device)
-    criterion = criteria.get(cfg.method)
+    key = resume.run_key(cfg.to_dict(), source.checkpoint.fingerprint(), versions())
+    spill = resume.partial_folder(output, key) / resume.STATE / "spill"
+    store = memory.activation_store(layer_needs(cfg, source), device, memory.parse_budget(cfg.max_memory), spill)
+    journal = resume.open_partial(output, key, cfg.resume)
+    tmp, keep = journal.folder, False
     recipe: dict = {"format": "llmprune/1"}
-    windows = evaluation_windows(cfg, source) if cfg.eval else None
-    if windows is not None:
-        dense = perplexity(source.folder, windows, cfg, progress)
-        recipe["eval"] = {"data": cfg.eval, "seqlen": windows.shape[1], "windows": windows.shape[0], "dense": dense}
-
-    shrink = None
-    if cfg.parsed_pattern.structured:
-        step = shrink = structured.plan(cfg, source, device, recipe, progress)
-    elif criterion.needs_calibration or cfg.ratios == "owl":
-        outer, ids, store = calibration(cfg, source, device)
-        recipe["calibration"] = {"data": cfg.calib_data, "nsamples": ids.shape[0], "seqlen": ids.shape[1],
-                                 "seed": cfg.seed}
-        if cfg.ratios == "owl":
-            targets, outliers = owl_targets(cfg, source, outer, ids, store, device, progress)
-            recipe["owl"] = {"m": cfg.owl_m, "lambda": cfg.owl_lambda, "outlier_ratios": outliers}
-        if criterion.needs_calibration:
-            acts = Activations(outer, ids, CALIB_BATCH, store)
-            step = CalibratedPruneStep(criterion, targets, cfg.parsed_pattern, cfg.norm, acts, cfg.true_sequential)
-        else:
-            step = PruneStep(criterion, targets, cfg.parsed_pattern, cfg.norm)
-    else:
-        step = PruneStep(criterion, targets, cfg.parsed_pattern, cfg.norm)
-    specs = output_specs(source.checkpoint, source.layout, cfg.torch_dtype)
-    if shrink is not None:
-        specs_in, specs = specs, shrink.specs(specs)
-
     try:
-        with temp_output(output) as tmp:
-            compressed = {n: s for n, s in targets.items() if s > 0} if cfg.save_format == sparse.FORMAT else {}
-            writer = make_writer(tmp, specs, compressed, cfg.max_shard_size)
-            with closing_on_error(writer):
-                run(source.checkpoint, source.layout, step, writer, device, cfg.torch_dtype, desc="prune",
-                    progress=progress)
-                writer.close()
-            copy_aux_files(source.folder, tmp, cfg.torch_dtype, list(compressed))
-            if shrink is not None:
-                shrink.write_config(tmp)
-            if windows is not None:
-                pruned = perplexity(tmp, windows, cfg, progress)
-                recipe["eval"]["pruned"] = pruned
-                recipe["eval"]["ratio"] = pruned["perplexity"] / recipe["eval"]["dense"]["perplexity"]
-            recipe.update({
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "command": command,
-                "input": {**source.info, "shards": source.checkpoint.fingerprint()},
-                "config": cfg.to_dict(),
-                "versions": versions(),
-                "device": str(device),
-                "sparsity": sparsity_summary(source, targets, step.zeros),
-                "save": save_summary(tmp, cfg.save_format, specs),
-            })
-            if shrink is not None:
-                recipe["structured"] = shrink.summary(specs_in, specs)
-            recipe["wall_time_s"] = round(time.perf_counter() - start, 3)
-            recipe["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        windows = evaluation_windows(cfg, source) if cfg.eval else None
+        if windows is not None:
+            if "eval_dense" not in journal.pre:
+                journal.remember("eval_dense", perplexity(source.folder, windows, cfg, progress))
+            recipe["eval"] = {"data": cfg.eval, "seqlen": windows.shape[1], "windows": windows.shape[0],
+                              "dense": journal.pre["eval_dense"]}
+        shrink, acts = None, None
+        if cfg.parsed_pattern.structured:
+            step = shrink = structured.plan(cfg, source, device, recipe, progress)
+        else:
+            step, acts = make_step(cfg, source, device, store, targets, journal, recipe, progress)
+        if shrink is None:
+            targets = step.targets  # OWL's, when it chose them
+        if journal.layers_done:
+            recipe["resumed_after_layers"] = journal.layers_done
+        specs = output_specs(source.checkpoint, source.layout, cfg.torch_dtype)
+        if shrink is not None:
+            specs_in, specs = specs, shrink.specs(specs)
+        compressed = {n: t for n, t in targets.items() if t > 0} if cfg.save_format == sparse.FORMAT else {}
+        stream_into(tmp, cfg, source, step, acts, journal, device, progress, specs, compressed,
+                    resumable=shrink is None and not compressed)
+        journal.finish()
+        copy_aux_files(source.folder, tmp, cfg.torch_dtype, list(compressed))
+        if shrink is not None:
+            shrink.write_config(tmp)
+        if windows is not None:
+            pruned = perplexity(tmp, windows, cfg, progress)
+            recipe["eval"]["pruned"] = pruned
+            recipe["eval"]["ratio"] = pruned["perplexity"] / recipe["eval"]["dense"]["perplexity"]
+        recipe.update({
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": command,
+            "input": {**source.info, "shards": source.checkpoint.fingerprint()},
+            "config": cfg.to_dict(),
+            "versions": versions(),
+            "device": str(device),
+            "sparsity": sparsity_summary(source, targets, step.zeros),
+            "save": save_summary(tmp, cfg.save_format, specs),
+        })
+        if shrink is not None:
+            recipe["structured"] = shrink.summary(specs_in, specs)
+        recipe["wall_time_s"] = round(time.perf_counter() - start, 3)
+        recipe["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        if device.type == "cuda":
+            recipe["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        (tmp / "llmprune.json").write_text(json.dumps(recipe, indent=2) + "\n")
+        if cfg.finetune is not None and cfg.finetune.steps > 0:
+            recipe = finetune_pruned(cfg, tmp, output, source, command, progress)
             (tmp / "llmprune.json").write_text(json.dumps(recipe, indent=2) + "\n")
-            if cfg.finetune is not None and cfg.finetune.steps > 0:
-                recipe = finetune_pruned(cfg, tmp, output, source, command, progress)
-                (tmp / "llmprune.json").write_text(json.dumps(recipe, indent=2) + "\n")
-            base = base_model_id(cfg.model, source)
-            (tmp / "README.md").write_text(hub.model_card(recipe, base, hub.input_card_metadata(source.folder)))
+        base = base_model_id(cfg.model, source)
+        (tmp / "README.md").write_text(hub.model_card(recipe, base, hub.input_card_metadata(source.folder)))
+        replace_folder(tmp, output)
+    except KeyboardInterrupt:
+        keep = True
+        log.warning("interrupted after %d layers: rerun the same command to resume (%s)", journal.layers_done, tmp)
+        raise
+    except OSError as err:
+        raise LlmpruneError(f"writing {output} failed: {err.strerror or err}") from None
     finally:
         source.checkpoint.close()
+        if not keep and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     recipe["output"] = str(output)
     log.info("wrote %s", output)
     return recipe

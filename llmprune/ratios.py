@@ -63,6 +63,8 @@ def load_rules(path: str | Path) -> list[Rule]:
     except (ValueError, yaml.YAMLError) as err:
         first = str(err).strip().splitlines()[0]
         raise LlmpruneError(f"ratio file {path} does not parse: {first}") from None
+    if data is None:  # an empty file or one holding only comments
+        data = {}
     if isinstance(data, dict):
         pairs = list(data.items())
     elif isinstance(data, list) and all(isinstance(r, dict) and set(r) == {"match", "sparsity"} for r in data):

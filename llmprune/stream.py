@@ -15,9 +15,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -68,6 +70,7 @@ def return_freed_memory() -> None:
 
 
 Step = Callable[[Layer], dict[str, torch.Tensor]]
+OnLayer = Callable[[int], "Callable[[], None] | None"]
 
 
 def group_names(checkpoint: Checkpoint, layout: Layout) -> tuple[list[str], list[list[str]]]:
@@ -93,8 +96,9 @@ def output_specs(checkpoint: Checkpoint, layout: Layout, dtype: torch.dtype | No
 
 
 def layers(checkpoint: Checkpoint, layout: Layout, device: torch.device, dtype: torch.dtype | None = None,
-           desc: str = "layers", progress: bool = True, per_layer: list[list[str]] | None = None) -> Iterator[Layer]:
-    """Each decoder layer in turn on ``device``, the next one read ahead on a worker thread."""
+           desc: str = "layers", progress: bool = True, per_layer: list[list[str]] | None = None,
+           start: int = 0) -> Iterator[Layer]:
+    """Each decoder layer from ``start`` on, on ``device``, the next one read ahead on a worker thread."""
     if per_layer is None:
         per_layer = group_names(checkpoint, layout)[1]
 
@@ -102,8 +106,9 @@ def layers(checkpoint: Checkpoint, layout: Layout, device: torch.device, dtype: 
         return {name: _convert(checkpoint.read(name), dtype) for name in per_layer[index]}
 
     with ThreadPoolExecutor(max_workers=1) as reader:
-        ahead = reader.submit(read_layer, 0) if per_layer else None
-        for index in tqdm(range(layout.num_layers), desc=desc, unit="layer", disable=not progress):
+        ahead = reader.submit(read_layer, start) if start < layout.num_layers else None
+        for index in tqdm(range(start, layout.num_layers), desc=desc, unit="layer", disable=not progress,
+                          initial=start, total=layout.num_layers):
             tensors = ahead.result()
             ahead = reader.submit(read_layer, index + 1) if index + 1 < layout.num_layers else None
             yield Layer(index, {n: t.to(device, non_blocking=True) for n, t in tensors.items()}, layout)
@@ -116,29 +121,36 @@ def _convert(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 def run(checkpoint: Checkpoint, layout: Layout, step: Step, writer: ShardWriter,
         device: torch.device, dtype: torch.dtype | None = None, desc: str = "layers",
-        progress: bool = True) -> None:
+        progress: bool = True, start: int = 0, on_layer: OnLayer | None = None) -> None:
     """Stream every tensor of ``checkpoint`` through ``step`` (decoder layers) into ``writer``.
 
     Layers are processed in the checkpoint's dtype and converted to ``dtype`` when written.
+    ``start`` > 0 continues an interrupted run: the tensors outside the layers and layers before
+    ``start`` are taken as written. ``on_layer(i)`` is called right after the step has processed
+    layer i; the callable it returns runs once layer i (and everything before it) is written.
     """
     return_freed_memory()
     outside, per_layer = group_names(checkpoint, layout)
-    for name in outside:
-        writer.write(name, _convert(checkpoint.read(name), dtype))
+    if start == 0:
+        for name in outside:
+            writer.write(name, _convert(checkpoint.read(name), dtype))
 
-    def write_layer(out: dict[str, torch.Tensor]) -> None:
+    def write_layer(out: dict[str, torch.Tensor], done: Callable[[], None] | None) -> None:
         for name, t in out.items():
             writer.write(name, _convert(t, dtype))
+        if done is not None:
+            done()
 
     # A worker writes layer i-1 while layer i is processed (and ``layers`` reads i+1): disk and
     # compute overlap, and at most three layers are in memory.
     with ThreadPoolExecutor(max_workers=1) as writer_pool:
         written = None
-        for layer in layers(checkpoint, layout, device, None, desc, progress, per_layer):
+        for layer in layers(checkpoint, layout, device, None, desc, progress, per_layer, start):
             out = step(layer)
+            done = on_layer(layer.index) if on_layer is not None else None
             if written is not None:
                 written.result()
-            written = writer_pool.submit(write_layer, out)
+            written = writer_pool.submit(write_layer, out, done)
             del layer, out
         if written is not None:
             written.result()
@@ -147,31 +159,94 @@ def run(checkpoint: Checkpoint, layout: Layout, step: Step, writer: ShardWriter,
 class Activations:
     """Hidden states entering the current decoder layer for a set of token windows.
 
-    Kept in chunks of ``batch_size`` windows on ``store`` (the CPU when the device is small),
-    with what the model passes each layer (masks, positions, rotary tables) captured once per
-    chunk size. ``forward`` runs every chunk through a layer (for statistics hooks);
-    ``advance`` replaces the states with that layer's outputs, for the next layer.
+    Kept in chunks of ``batch_size`` windows on ``store``: the device, the CPU, or a folder (one
+    file per chunk, for calibration sets larger than memory), with what the model passes each
+    layer (masks, positions, rotary tables) captured once per chunk size. ``forward`` runs every
+    chunk through a layer (for statistics hooks); ``advance`` replaces the states with that
+    layer's outputs, for the next layer. Chunks are never modified in place, so a ``snapshot``
+    stays valid while later layers run.
     """
 
-    def __init__(self, outer: Outer, ids: torch.Tensor, batch_size: int, store: torch.device):
-        self.device, self.store = outer.device, store
-        self.hidden: list[torch.Tensor] = []
+    def __init__(self, outer: Outer, ids: torch.Tensor, batch_size: int, store: torch.device | Path):
+        self.device = outer.device
+        self.spill = Path(store) if isinstance(store, (str, Path)) else None
+        self.store = torch.device("cpu") if self.spill is not None else store
+        if self.spill is not None:
+            self.spill.mkdir(parents=True, exist_ok=True)
+        self.generation = 0
+        self.hidden: list[torch.Tensor | Path] = []
+        self.shapes: list[torch.Size] = []
         self.calls: dict[int, LayerCalls] = {}
         for chunk in ids.split(batch_size):
             first, calls = outer.layer_inputs(chunk)
             self.calls.setdefault(chunk.shape[0], calls)
-            self.hidden.append(first.to(store))
+            self.shapes.append(first.shape)
+            self.hidden.append(self._keep(len(self.hidden), first))
+
+    def _keep(self, i: int, tensor: torch.Tensor) -> torch.Tensor | Path:
+        if self.spill is None:
+            return tensor.to(self.store)
+        path = self.spill / f"g{self.generation}-{i}.pt"
+        torch.save(tensor.to("cpu"), path)
+        return path
+
+    def chunk(self, i: int) -> torch.Tensor:
+        """Chunk ``i`` (B, T, C) on the execution device."""
+        h = self.hidden[i]
+        return (torch.load(h, weights_only=True) if isinstance(h, Path) else h).to(self.device)
 
     @property
     def tokens(self) -> int:
-        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+        return sum(s[0] * s[1] for s in self.shapes)
 
     @torch.no_grad()
     def forward(self, module: nn.Module, index: int, chunks: int | None = None) -> None:
-        for h in self.hidden[:chunks]:
-            self.calls[h.shape[0]].run(module, index, h.to(self.device))
+        for i in range(len(self.hidden))[:chunks]:
+            h = self.chunk(i)
+            self.calls[h.shape[0]].run(module, index, h)
 
     @torch.no_grad()
     def advance(self, module: nn.Module, index: int) -> None:
-        self.hidden = [self.calls[h.shape[0]].run(module, index, h.to(self.device)).to(self.store)
-                       for h in self.hidden]
+        old, self.generation = self.hidden, self.generation + 1
+        new = []
+        for i in range(len(old)):
+            h = self.chunk(i)
+            new.append(self._keep(i, self.calls[h.shape[0]].run(module, index, h)))
+        self.hidden = new
+        for h in old:
+            if isinstance(h, Path):
+                h.unlink()
+
+    def snapshot(self) -> list[torch.Tensor | Path]:
+        """The current states, still valid after later ``advance`` calls (spilled files are linked)."""
+        out = []
+        for h in self.hidden:
+            if isinstance(h, Path):
+                link = h.with_name(f"snap-{h.name}")
+                os.link(h, link)
+                h = link
+            out.append(h)
+        return out
+
+    @staticmethod
+    def save(snapshot: list[torch.Tensor | Path], folder: Path) -> None:
+        """Write a snapshot to ``folder`` (one durable file per chunk)."""
+        folder.mkdir()
+        for i, h in enumerate(snapshot):
+            path = folder / f"chunk-{i}.pt"
+            if isinstance(h, Path):
+                os.replace(h, path)
+            else:
+                torch.save(h.to("cpu"), path)
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+
+    def load(self, folder: Path) -> None:
+        """Replace the states with those ``save`` wrote (an interrupted run's last layer outputs)."""
+        for i in range(len(self.hidden)):
+            h = torch.load(folder / f"chunk-{i}.pt", weights_only=True)
+            if h.shape != self.shapes[i]:
+                raise ValueError(f"saved activations {tuple(h.shape)} do not match {tuple(self.shapes[i])}")
+            old, self.hidden[i] = self.hidden[i], self._keep(i, h)
+            if isinstance(old, Path) and old != self.hidden[i]:
+                old.unlink()

@@ -50,10 +50,10 @@ def run_cli(*args: str) -> int:
     return main([str(a) for a in args])
 
 
-def tree_hash(folder: Path) -> str:
+def tree_hash(folder: Path, exclude: tuple[str, ...] = ()) -> str:
     h = hashlib.sha256()
     for path in sorted(folder.rglob("*")):
-        if path.is_file():
+        if path.is_file() and path.name not in exclude:
             h.update(str(path.relative_to(folder)).encode())
             h.update(path.read_bytes())
     return h.hexdigest()

@@ -50,6 +50,11 @@ def init_stats(weight: torch.Tensor) -> Hessian:
     return Hessian(torch.zeros(n, n, dtype=torch.float32, device=weight.device))
 
 
+def stats_bytes(out_features: int, in_features: int) -> int:
+    """Memory of the statistics of one (out, in) matrix: the float32 Hessian, and its factor while pruning."""
+    return 2 * 4 * in_features * in_features
+
+
 @torch.no_grad()
 def accumulate(stats: Hessian, x: torch.Tensor) -> None:
     """Fold a batch of layer inputs ``x`` (tokens, in) into H; leading batch dims are flattened."""

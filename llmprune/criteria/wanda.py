@@ -32,6 +32,11 @@ def init_stats(weight: torch.Tensor) -> InputNorms:
     return InputNorms(torch.zeros(weight.shape[1], dtype=torch.float32, device=weight.device))
 
 
+def stats_bytes(out_features: int, in_features: int) -> int:
+    """Memory of the statistics of one (out, in) matrix: a float32 norm per input."""
+    return 4 * in_features
+
+
 @torch.no_grad()
 def accumulate(stats: InputNorms, x: torch.Tensor) -> None:
     """Add a batch of layer inputs ``x`` (tokens, in); leading batch dims are flattened."""

@@ -1,0 +1,174 @@
+"""Resumable pruning runs: a journal of completed layers in the hidden temporary folder.
+
+A run writes into ``.<output>.partial-<key>`` beside the output, ``key`` a hash of everything
+that determines the output bytes (options, input shards, versions). After each decoder layer's
+tensors are written and fsync'd, the journal (``.resume/journal.json``, replaced atomically)
+records the layer, the SHA-256 of every tensor written so far, the zero counts, and a saved copy
+of the calibration activations leaving that layer. Rerunning the same command finds the folder,
+checks the last layer's tensors against their hashes, and continues with the next layer; the
+shards are reopened in place (their layout is planned, so every offset is known).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .checkpoint import ShardWriter, fault_point
+from .errors import LlmpruneError
+
+log = logging.getLogger(__name__)
+
+STATE = ".resume"  # the journal's folder inside the partial output; removed before the rename
+NOT_IN_KEY = ("output", "overwrite", "resume", "max_memory", "stream_from_hub")  # do not change the bytes
+
+
+def run_key(config: dict, shards: dict, versions: dict) -> str:
+    """Hash of what decides the output's bytes: a partial folder is only resumed by the same run."""
+    relevant = {k: v for k, v in config.items() if k not in NOT_IN_KEY}
+    blob = json.dumps({"config": relevant, "input": shards, "versions": versions}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def partial_folder(output: Path, key: str) -> Path:
+    out = output.resolve()
+    return out.with_name(f".{out.name}.partial-{key}")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Journal:
+    """What an interrupted run completed, kept durable in ``folder/.resume``."""
+
+    folder: Path  # the partial output folder
+    key: str
+    layers_done: int = 0
+    digests: dict[str, str] = field(default_factory=dict)  # tensor name -> sha256 of its written bytes
+    zeros: dict[str, int] = field(default_factory=dict)
+    acts: str | None = None  # folder (in .resume) of the activations leaving the last completed layer
+    pre: dict = field(default_factory=dict)  # results computed before the stream (OWL ratios, dense eval)
+    _lock: int | None = field(default=None, repr=False)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.folder / STATE
+
+    def save(self) -> None:
+        data = {"key": self.key, "layers_done": self.layers_done, "digests": self.digests, "zeros": self.zeros,
+                "acts": self.acts, "pre": self.pre}
+        _atomic_write(self.state_dir / "journal.json", json.dumps(data))
+
+    def remember(self, name: str, value) -> None:
+        """Keep a result computed before the stream so that a resumed run need not redo it."""
+        self.pre[name] = value
+        self.save()
+
+    def lock(self) -> None:
+        self._lock = os.open(self.state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock)
+            self._lock = None
+            raise LlmpruneError(f"another llmprune run is writing {self.folder}") from None
+
+    def finish(self) -> None:
+        """Drop the journal before the folder becomes the output."""
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def verify(self, writer: ShardWriter, layer_names: list[str]) -> None:
+        """The last completed layer's tensors must still be what the journal recorded."""
+        for name in layer_names:
+            if writer.digest(name) != self.digests.get(name):
+                raise LlmpruneError(f"the interrupted run in {self.folder} is damaged ({name} differs from its "
+                                    "journal): remove that folder to start again")
+
+    def on_layer(self, writer: ShardWriter, names: list[list[str]], outside: list[str], step, acts) -> Callable:
+        """The engine hook: after layer i is written, flush, hash, save activations, commit."""
+
+        def capture(index: int) -> Callable[[], None]:
+            snapshot = acts.snapshot() if acts is not None else None
+            zeros = {n: step.zeros[n] for n in names[index] if n in step.zeros}
+
+            def commit() -> None:
+                fault_point(f"layer-{index}-written")
+                writer.flush()
+                done = names[index] + (outside if index == 0 else [])
+                self.digests.update({n: writer.digest(n) for n in done})
+                self.zeros.update(zeros)
+                old, self.acts = self.acts, None
+                if snapshot is not None:
+                    self.acts = f"acts-{index}"
+                    acts.save(snapshot, self.state_dir / self.acts)
+                    _fsync_dir(self.state_dir)
+                self.layers_done = index + 1
+                self.save()
+                if old:
+                    shutil.rmtree(self.state_dir / old, ignore_errors=True)
+                fault_point(f"layer-{index}-committed")
+
+            return commit
+
+        return capture
+
+
+def open_partial(output: Path, key: str, require: bool) -> Journal:
+    """The journal of an interrupted run of the same options, or a fresh one in a new folder."""
+    folder = partial_folder(output, key)
+    others = [p for p in output.resolve().parent.glob(f".{output.resolve().name}.partial-*")
+              if p != folder and (p / STATE / "journal.json").is_file()]
+    path = folder / STATE / "journal.json"
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            data = None
+        if data is not None and data.get("key") == key:
+            journal = Journal(folder, key, data["layers_done"], data["digests"], data["zeros"], data["acts"],
+                              data["pre"])
+            journal.lock()
+            log.info("resuming the interrupted run in %s after %d completed layers", folder, journal.layers_done)
+            return journal
+    if require:
+        hint = f"; partial runs of other options: {', '.join(p.name for p in others)}" if others else ""
+        raise LlmpruneError(f"--resume: no interrupted run of these options beside {output} "
+                            f"(expected {folder.name}){hint}; rerun without --resume to start afresh")
+    for other in others:
+        log.warning("%s holds an interrupted run with other options; remove it to free its disk space", other)
+    if folder.exists():  # killed before its first journal entry: nothing to keep
+        shutil.rmtree(folder)
+    try:
+        (folder / STATE).mkdir(parents=True)
+    except OSError as err:
+        raise LlmpruneError(f"cannot write output {output}: {err.strerror}") from None
+    journal = Journal(folder, key)
+    journal.lock()
+    journal.save()
+    return journal

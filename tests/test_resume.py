@@ -1,0 +1,91 @@
+"""Resumable runs: SIGKILL at several points, rerun the same command, get the same bytes.
+
+llmprune.json records wall times and how the run was resumed, so it is the one file compared
+apart; every other file of the output (shards, index, config, tokenizer, model card) must be
+bit-identical to an uninterrupted run.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli, tree_hash
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ("llmprune.json",)
+
+
+def kill_at(fault: str, args: list) -> None:
+    """Run the CLI in a child process that SIGKILLs itself at ``fault``."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LLMPRUNE_FAULT_AT": fault}
+    res = subprocess.run([sys.executable, "-m", "llmprune.cli", *map(str, args)], env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+
+
+def partials(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if ".partial-" in p.name]
+
+
+def prune_args(src, out, method, calib_text):
+    args = [src, "--sparsity", "0.5", "--method", method, "-o", out, "-q", "--max-shard-size", "100KB"]
+    if method != "magnitude":
+        args += ["--calib-data", calib_text, "--nsamples", "3", "--seqlen", "32"]
+    return args
+
+
+@pytest.mark.parametrize("method,fault,resumed", [
+    ("wanda", "tensor:model.layers.1.mlp.up_proj.weight", 1),  # half a tensor on disk
+    ("wanda", "layer-1-committed", 2),
+    ("sparsegpt", "layer-0-written", 0),  # written but not yet in the journal
+    ("magnitude", "finalize", 3),  # every layer done, folder not yet renamed
+])
+def test_killed_run_resumes_bit_identical(tiny_with_tokenizer, calib_text, tmp_path, method, fault, resumed):
+    out, whole = tmp_path / "out", tmp_path / "whole"
+    args = prune_args(tiny_with_tokenizer, out, method, calib_text)
+    assert run_cli(*args) == 0
+    out.rename(whole)  # the same command (it is in the model card) for both runs
+    kill_at(fault, args)
+    assert not out.exists() and len(partials(tmp_path)) == 1
+    assert run_cli(*args) == 0
+    assert tree_hash(out, RECIPE) == tree_hash(whole, RECIPE)
+    assert not partials(tmp_path), "the partial folder was not renamed into place"
+    assert not (out / ".resume").exists()
+    recipe, reference = (json.loads((f / "llmprune.json").read_text()) for f in (out, whole))
+    assert recipe.get("resumed_after_layers", 0) == resumed
+    assert recipe["sparsity"] == reference["sparsity"]
+
+
+def test_resume_needs_the_same_options_and_an_intact_journal(tiny_models, tmp_path, capsys):
+    src = tiny_models["llama"]
+    out = tmp_path / "out"
+    args = [src, "--sparsity", "0.5", "-o", out, "-q", "--max-shard-size", "60KB"]
+    kill_at("layer-1-committed", args)
+    [partial] = partials(tmp_path)
+    journal = json.loads((partial / ".resume" / "journal.json").read_text())
+    assert journal["layers_done"] == 2 and "model.layers.1.mlp.down_proj.weight" in journal["digests"]
+
+    capsys.readouterr()
+    assert run_cli(src, "--sparsity", "0.4", "-o", out, "-q", "--max-shard-size", "60KB", "--resume") == 2
+    err = capsys.readouterr().err.strip()
+    assert "--resume: no interrupted run of these options" in err and partial.name in err, err
+    assert partials(tmp_path) == [partial]
+
+    # damage a byte of layer 1, which the journal vouches for: refused, not silently resumed
+    assert not (partial / "model.safetensors.index.json").exists()  # written only at the end
+    shard = next(p for p in sorted(partial.glob("*.safetensors")) if b"layers.1.mlp.down_proj" in p.read_bytes()[:4096])
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    assert run_cli(*args, "--resume") == 2
+    assert "damaged" in capsys.readouterr().err
+    assert run_cli(*args) == 0  # starts afresh
+    whole = tmp_path / "whole"
+    out.rename(whole)
+    assert run_cli(*args) == 0
+    assert tree_hash(out, RECIPE) == tree_hash(whole, RECIPE)
