@@ -37,12 +37,12 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import data as data_sources
 from .checkpoint import Checkpoint
 from .config import DTYPES, EvalConfig, resolve_device
 from .errors import LlmpruneError
+from .progress import track
 
 # The model machinery (transformers, arch, pipeline) is imported inside the functions that use it:
 # llmprune/__init__.py imports this module eagerly (see there), and `import llmprune` should not
@@ -334,7 +334,7 @@ def _whole_nll(folder: Path, windows: torch.Tensor, batch: int, device: torch.de
 def _forward_nll(model: torch.nn.Module, windows: torch.Tensor, batch: int, device: torch.device,
                  progress: bool) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for ids in tqdm(windows.split(batch), desc="eval", unit="batch", disable=not progress):
+    for ids in track(windows.split(batch), "eval", "batch", enabled=progress):
         ids = ids.to(device)  # (B, T)
         # No labels: transformers would compute a second, mean-reduced loss over the full vocabulary.
         logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)

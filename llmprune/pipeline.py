@@ -16,9 +16,11 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import transformers
@@ -148,6 +150,20 @@ def make_temp_dir(output: Path) -> Path:
         raise LlmpruneError(f"cannot write output {output}: {err.strerror}") from None
 
 
+@contextmanager
+def staged(output: Path) -> Iterator[Path]:
+    """A hidden temporary folder beside ``output``, renamed to it when the block succeeds, removed otherwise."""
+    tmp = make_temp_dir(output)
+    try:
+        yield tmp
+        replace_folder(tmp, output)
+    except OSError as err:
+        raise LlmpruneError(f"writing {output} failed: {err.strerror or err}") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def replace_folder(tmp: Path, output: Path) -> None:
     """Move the finished ``tmp`` to ``output``; an old output is removed only after that."""
     out = output.resolve()
@@ -207,8 +223,8 @@ CALIB_BATCH = 8  # calibration windows per forward call
 ACTIVATIONS_ON_DEVICE_SHARE = 0.3  # calibration states stay on the GPU within this share of free memory
 
 
-def calibration(cfg: PruneConfig, source: Source, device: torch.device) -> tuple[Outer, torch.Tensor, torch.device]:
-    """The model's embeddings and head, the calibration token windows, and where states are kept."""
+def calibration_ids(cfg: PruneConfig, source: Source) -> torch.Tensor:
+    """The calibration token windows (nsamples, seqlen), seqlen capped by the model's context."""
     from transformers import AutoTokenizer
 
     from . import data
@@ -217,7 +233,14 @@ def calibration(cfg: PruneConfig, source: Source, device: torch.device) -> tuple
     context = context_length(source.layout.config)
     seqlen = min(cfg.seqlen, context) if context else cfg.seqlen
     tokenizer = AutoTokenizer.from_pretrained(source.folder)
-    ids = data.calibration_samples(tokenizer, cfg.calib_data, cfg.nsamples, seqlen, cfg.seed)
+    return data.calibration_samples(tokenizer, cfg.calib_data, cfg.nsamples, seqlen, cfg.seed)
+
+
+def calibration(cfg: PruneConfig, source: Source, device: torch.device,
+                ids: torch.Tensor | None = None) -> tuple[Outer, torch.Tensor, torch.device]:
+    """The model's embeddings and head, the calibration token windows (``ids`` when given), and where states are kept."""
+    if ids is None:
+        ids = calibration_ids(cfg, source)
     outer = Outer(source.layout, source.checkpoint.read, device)
     store = torch.device("cpu")
     if device.type == "cuda":
@@ -254,8 +277,12 @@ def perplexity(folder: Path, windows: torch.Tensor, cfg: PruneConfig, progress: 
     return {"perplexity": result.perplexity, "mode": result.mode, "seconds": round(result.seconds, 2)}
 
 
-def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True) -> dict:
-    """Run ``cfg`` end to end; returns the recipe that is also written as llmprune.json."""
+def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True,
+          calib_ids: torch.Tensor | None = None) -> dict:
+    """Run ``cfg`` end to end; returns the recipe that is also written as llmprune.json.
+
+    ``calib_ids``: calibration windows tokenised earlier (``calibration_ids``), for runs that share them.
+    """
     start = time.perf_counter()
     source = open_source(cfg.model, cfg.revision)
     output = Path(cfg.output) if cfg.output else default_output(cfg)
@@ -270,7 +297,7 @@ def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True) -
         recipe["eval"] = {"data": cfg.eval, "seqlen": windows.shape[1], "windows": windows.shape[0], "dense": dense}
 
     if criterion.needs_calibration or cfg.ratios == "owl":
-        outer, ids, store = calibration(cfg, source, device)
+        outer, ids, store = calibration(cfg, source, device, calib_ids)
         recipe["calibration"] = {"data": cfg.calib_data, "nsamples": ids.shape[0], "seqlen": ids.shape[1],
                                  "seed": cfg.seed}
         if cfg.ratios == "owl":
@@ -307,6 +334,7 @@ def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True) -
         })
         recipe["wall_time_s"] = round(time.perf_counter() - start, 3)
         recipe["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        recipe["plots"] = sparsity_chart(recipe, tmp)
         (tmp / "llmprune.json").write_text(json.dumps(recipe, indent=2) + "\n")
         if cfg.finetune is not None and cfg.finetune.steps > 0:
             recipe = finetune_pruned(cfg, tmp, output, source, command, progress)
@@ -347,6 +375,27 @@ def finetune_pruned(cfg: PruneConfig, tmp: Path, output: Path, source: Source, c
     recipe["finetune"]["config"].update(model=str(output), output=str(output))
     recipe["finetune"]["input"] = {"model": "the pruned model of this run"}
     return recipe
+
+
+SPARSITY_CHART = "sparsity.png"
+
+
+def sparsity_chart(recipe: dict, folder: Path) -> dict[str, str]:
+    """The per-layer sparsity bar chart beside the model; without matplotlib, a warning and no chart."""
+    from . import plots
+
+    sp = recipe["sparsity"]
+    kind = "owl" if "owl" in recipe else recipe["config"].get("schedule") or recipe["config"].get("ratios") or "uniform"
+    try:
+        plots.sparsity_bars(sp["layers"], sp["target_mean"], folder / SPARSITY_CHART,
+                            f"{recipe['config']['method']}, {recipe['config']['pattern']}, {kind}: "
+                            f"{sp['overall']:.1%} overall")
+    except LlmpruneError as err:
+        if str(err) != plots.NEEDS_MATPLOTLIB:
+            raise
+        log.warning("no sparsity chart: %s", err)
+        return {}
+    return {"sparsity": SPARSITY_CHART}
 
 
 def base_model_id(model: str, source: Source) -> str | None:

@@ -22,10 +22,10 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .arch import LayerCalls, Layout, Linear, Outer, materialize
 from .checkpoint import Checkpoint, ShardWriter, TensorSpec
+from .progress import track
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def layers(checkpoint: Checkpoint, layout: Layout, device: torch.device, dtype: 
 
     with ThreadPoolExecutor(max_workers=1) as reader:
         ahead = reader.submit(read_layer, 0) if per_layer else None
-        for index in tqdm(range(layout.num_layers), desc=desc, unit="layer", disable=not progress):
+        for index in track(range(layout.num_layers), desc, "layer", enabled=progress):
             tensors = ahead.result()
             ahead = reader.submit(read_layer, index + 1) if index + 1 < layout.num_layers else None
             yield Layer(index, {n: t.to(device, non_blocking=True) for n, t in tensors.items()}, layout)
@@ -172,6 +172,14 @@ class Activations:
             self.calls[h.shape[0]].run(module, index, h.to(self.device))
 
     @torch.no_grad()
+    def each_output(self, module: nn.Module, index: int) -> Iterator[torch.Tensor]:
+        """The layer's output for each chunk in turn, on the device (one chunk alive at a time)."""
+        for h in self.hidden:
+            yield self.calls[h.shape[0]].run(module, index, h.to(self.device))
+
+    def outputs(self, module: nn.Module, index: int) -> list[torch.Tensor]:
+        """The layer's outputs for every chunk, kept on the store."""
+        return [out.to(self.store) for out in self.each_output(module, index)]
+
     def advance(self, module: nn.Module, index: int) -> None:
-        self.hidden = [self.calls[h.shape[0]].run(module, index, h.to(self.device)).to(self.store)
-                       for h in self.hidden]
+        self.hidden = self.outputs(module, index)
