@@ -314,6 +314,11 @@ def _result(model: str, data: str, windows: torch.Tensor, total: torch.Tensor, m
 
 def _whole_nll(folder: Path, windows: torch.Tensor, batch: int, device: torch.device, dtype: torch.dtype,
                progress: bool) -> torch.Tensor:
+    return _forward_nll(load_model(folder, device, dtype), windows, batch, device, progress)
+
+
+def load_model(folder: Path, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The whole model from ``folder`` on ``device`` in eval mode, without transformers' loading bars."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -326,8 +331,7 @@ def _whole_nll(folder: Path, windows: torch.Tensor, batch: int, device: torch.de
     finally:
         if shown:
             hf_logging.enable_progress_bar()
-    model.eval()
-    return _forward_nll(model, windows, batch, device, progress)
+    return model.eval()
 
 
 @torch.inference_mode()

@@ -123,16 +123,14 @@ def model_stats(criterion: ModuleType, model: nn.Module, linears: Linears, ids: 
 @torch.no_grad()
 def ppl_damage(cfg: SensitivityConfig, source: Source, device: torch.device, progress: bool) -> tuple[list[dict], float]:
     """Perplexity with one layer pruned at a time, on a model held in memory; and the dense perplexity."""
-    from transformers import AutoModelForCausalLM
-
     from .arch import find_layers
     from .data import resolve_source
-    from .evaluate import evaluate, load_windows
+    from .evaluate import evaluate, load_model, load_windows
 
     criterion = criteria.get(cfg.method)
     windows = load_windows(source.folder, resolve_source(cfg.eval), cfg.eval_seqlen, cfg.eval_max_windows)
     ids = calibration_ids(cfg.probe(cfg.sparsity), source) if criterion.needs_calibration else None
-    model = AutoModelForCausalLM.from_pretrained(str(source.folder), dtype=torch.float32).to(device).eval()
+    model = load_model(source.folder, device, torch.float32)
     dense = evaluate(model, windows=windows, progress=False).perplexity
     _, layers = find_layers(model)
     damage = []

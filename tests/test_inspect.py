@@ -59,10 +59,11 @@ def test_gpt2_conv1d_checked_along_the_input_dimension(pruned):
     report = inspect(str(pruned["gpt2-2:4"]), progress=False)
     ckpt = Checkpoint(pruned["gpt2-2:4"])
     m = next(m for m in report.matrices if m.linear == "mlp.c_fc")
-    stored = ckpt.read(m.name)  # (in=64, out=128)
-    assert list(stored.shape) == m.shape == [64, 128]
-    groups = (stored.t().reshape(128, 16, 4) == 0).sum(dim=2)
-    assert bool((groups >= 2).all()) and not bool((stored.reshape(64, 32, 4) == 0).sum(dim=2).ge(2).all())
+    stored = ckpt.read(m.name)  # (in=64, out=256)
+    assert list(stored.shape) == m.shape == [64, 256]
+    along_in = (stored.t().reshape(256, 16, 4) == 0).sum(dim=2)
+    along_stored_rows = (stored.reshape(64, 64, 4) == 0).sum(dim=2)
+    assert bool((along_in >= 2).all()) and not bool((along_stored_rows >= 2).all())
     ckpt.close()
 
 
@@ -129,3 +130,14 @@ def test_errors_are_one_line(tmp_path, capsys):
 def test_bad_n_m(tiny_models, capsys):
     assert run_cli("inspect", tiny_models["llama"], "--n-m", "unstructured") == 2
     assert "--n-m takes N:M patterns" in capsys.readouterr().err
+
+
+def test_prune_json_lines_end_with_summary(tiny_models, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_cli(tiny_models["llama"], "--sparsity", "0.5", "-o", out, "--log-format", "json", "-q") == 0
+    captured = capsys.readouterr()
+    assert captured.out == ""  # quiet JSON mode: no table, no progress events, only the summary
+    events = [json.loads(line) for line in captured.err.strip().splitlines()]
+    assert [e["event"] for e in events] == ["summary"]
+    assert events[0]["sparsity"] == pytest.approx(0.5) and events[0]["output"] == str(out)
+    assert events[0]["peak_rss_mb"] > 0 and events[0]["perplexity_pruned"] is None
