@@ -390,8 +390,8 @@ def run_inspect(argv: list[str]) -> int:
 
     from .inspect import inspect, render
 
-    report = inspect(args.model, args.revision, args.n_m, progress=not args.quiet)
-    print(json.dumps(report.to_dict(), indent=2) if args.json else render(report))
+    result = inspect(args.model, args.revision, args.n_m, progress=not args.quiet)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else render(result))
     return 0
 
 
