@@ -148,6 +148,7 @@ def summary_data(recipe: dict) -> dict:
             "target_sparsity": recipe["sparsity"]["target_mean"],
             "perplexity_dense": ev.get("dense", {}).get("perplexity"),
             "perplexity_pruned": ev.get("pruned", {}).get("perplexity"),
+            "perplexity_finetuned": recipe.get("finetune", {}).get("eval", {}).get("after", {}).get("perplexity"),
             "wall_time_s": recipe["wall_time_s"], "peak_rss_mb": recipe["peak_rss_mb"]}
 
 
