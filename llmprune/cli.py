@@ -436,14 +436,19 @@ def sweep_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_sweep(argv: list[str]) -> int:
-    args = sweep_parser().parse_args(argv)
+def run_study(name: str, argv: list[str], parser: argparse.ArgumentParser, config: type, run) -> tuple:
+    """Parse, configure, run: (args, config, result) of ``llmprune sweep`` / ``sensitivity``."""
+    args = parser.parse_args(argv)
     setup_logging(args.quiet, args.log_format)
+    cfg = config(**options(args, config))
+    return args, cfg, run(cfg, command=shlex.join(["llmprune", name, *argv]), progress=not args.quiet)
+
+
+def run_sweep(argv: list[str]) -> int:
     from .config import SweepConfig
     from .sweep import markdown, sweep
 
-    cfg = SweepConfig(**options(args, SweepConfig, skip=("quiet", "log_format")))
-    result = sweep(cfg, command=shlex.join(["llmprune", "sweep", *argv]), progress=not args.quiet)
+    args, _, result = run_study("sweep", argv, sweep_parser(), SweepConfig, sweep)
     by_sparsity = markdown(result).split("\n\n")[2]  # the perplexity table
     data = {k: result[k] for k in ("output", "dense", "points", "wall_time_s", "peak_rss_mb")}
     report(f"{by_sparsity}\n\nwrote {result['output']}/sweep.md, sweep.json, sweep.png", data, args.quiet)
@@ -474,13 +479,10 @@ def sensitivity_parser() -> argparse.ArgumentParser:
 
 
 def run_sensitivity(argv: list[str]) -> int:
-    args = sensitivity_parser().parse_args(argv)
-    setup_logging(args.quiet, args.log_format)
     from .config import SensitivityConfig
     from .sensitivity import sensitivity
 
-    cfg = SensitivityConfig(**options(args, SensitivityConfig, skip=("quiet", "log_format")))
-    result = sensitivity(cfg, command=shlex.join(["llmprune", "sensitivity", *argv]), progress=not args.quiet)
+    args, cfg, result = run_study("sensitivity", argv, sensitivity_parser(), SensitivityConfig, sensitivity)
     layers = [row["sparsity"] for row in result["layers"]]
     rows = [("model", result["model"]), ("metric", f"{cfg.metric}, {cfg.method} at {', '.join(map(str, cfg.sparsities))}"),
             ("allocated", f"min {min(layers):.2%}, max {max(layers):.2%}, mean {cfg.sparsity:.2%} (parameter-weighted)"),
@@ -489,12 +491,12 @@ def run_sensitivity(argv: list[str]) -> int:
     return 0
 
 
-def options(args: argparse.Namespace, config: type, skip: tuple[str, ...] = ()) -> dict:
+def options(args: argparse.Namespace, config: type) -> dict:
     """The parsed options a config class takes, by name."""
     import dataclasses
 
     names = {f.name for f in dataclasses.fields(config)}
-    return {k: v for k, v in vars(args).items() if k in names and k not in skip}
+    return {k: v for k, v in vars(args).items() if k in names}
 
 
 COMMANDS = {"prune": run_prune, "eval": run_eval, "finetune": run_finetune, "inspect": run_inspect,
