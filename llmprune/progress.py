@@ -45,7 +45,8 @@ def setup_logging(quiet: bool = False, log_format: str = "text") -> None:
     for old in [h for h in root.handlers if getattr(h, "llmprune", False)]:
         root.removeHandler(old)
     handler.llmprune = True  # ours to replace on the next call (tests run many commands in one process)
-    root.addHandler(handler)
+    if log_format == "json" or not root.handlers:  # text: like logging.basicConfig, keep a host's handlers
+        root.addHandler(handler)
     root.setLevel(logging.WARNING if quiet else logging.INFO)
     for name in _QUIET_LIBRARIES:  # their chatter is not for our users
         logging.getLogger(name).setLevel(logging.ERROR)
