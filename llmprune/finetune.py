@@ -43,7 +43,6 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import data as data_sources
 from .checkpoint import ShardWriter, parse_size
@@ -52,6 +51,7 @@ from .errors import LlmpruneError
 from .evaluate import check_windows, evaluate, load_tokenizer, load_windows
 from .hub import finetune_section
 from .memory import limit, parse_budget, require
+from .progress import track
 
 # The model machinery (transformers, arch, pipeline, stream) is imported inside the functions that
 # use it: llmprune/__init__.py imports this module eagerly (see there), and `import llmprune` should
@@ -364,7 +364,7 @@ def train_whole(cfg: FinetuneConfig, folder: Path, layout, windows: torch.Tensor
     rows = cfg.batch_size * cfg.grad_accum
     losses: list[float] = []
     start, cpu = time.perf_counter(), time.process_time()
-    bar = tqdm(range(cfg.steps), desc="fine-tune", unit="step", disable=not _main_only(procs, progress))
+    bar = track(range(cfg.steps), "fine-tune", "step", enabled=_main_only(procs, progress))
     for step in bar:
         total = 0.0
         for micro in range(cfg.grad_accum):

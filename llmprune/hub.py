@@ -44,6 +44,12 @@ def _layer_table(recipe: dict) -> str:
     return "\n".join(rows)
 
 
+def _chart_link(recipe: dict) -> list[str]:
+    """The per-layer sparsity chart saved beside the model, when the run drew one."""
+    chart = recipe.get("plots", {}).get("sparsity")
+    return [f"![Sparsity per decoder layer]({chart})", ""] if chart else []
+
+
 def _eval_section(recipe: dict) -> list[str]:
     """Dense vs pruned perplexity, when the run measured it."""
     ev = recipe.get("eval")
@@ -180,6 +186,7 @@ def model_card(recipe: dict, base_model: str | None, input_meta: dict) -> str:
         *finetune_section(recipe),
         "## Sparsity per decoder layer",
         "",
+        *_chart_link(recipe),
         _layer_table(recipe),
         "",
         "## Reproduce",

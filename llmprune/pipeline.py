@@ -293,15 +293,30 @@ def layer_needs(cfg: PruneConfig, source: Source) -> memory.LayerNeeds:
     return memory.LayerNeeds(weights, stats, transient, states)
 
 
-def calibration(cfg: PruneConfig, source: Source, device: torch.device,
-                store: torch.device | Path) -> tuple[Outer, torch.Tensor]:
-    """The model's embeddings and head and the calibration token windows (states kept on ``store``)."""
+def calibration_ids(cfg: PruneConfig, source: Source) -> torch.Tensor:
+    """The calibration token windows (nsamples, seqlen), seqlen capped by the model's context."""
     from transformers import AutoTokenizer
 
     from . import data
 
     tokenizer = AutoTokenizer.from_pretrained(source.folder)
-    ids = data.calibration_samples(tokenizer, cfg.calib_data, cfg.nsamples, calibration_seqlen(cfg, source), cfg.seed)
+    return data.calibration_samples(tokenizer, cfg.calib_data, cfg.nsamples, calibration_seqlen(cfg, source), cfg.seed)
+
+
+def calibration_store(cfg: PruneConfig, source: Source, device: torch.device) -> torch.device:
+    """Where calibration states live for passes that do not spill to disk (structured, sensitivity):
+    the device when they fit its budget, else the CPU."""
+    store = memory.activation_store(layer_needs(cfg, source), device, memory.parse_budget(cfg.max_memory),
+                                    Path(os.devnull))
+    return store if isinstance(store, torch.device) else torch.device("cpu")
+
+
+def calibration(cfg: PruneConfig, source: Source, device: torch.device, store: torch.device | Path,
+                ids: torch.Tensor | None = None) -> tuple[Outer, torch.Tensor]:
+    """The model's embeddings and head and the calibration token windows (``ids`` when given;
+    states kept on ``store``)."""
+    if ids is None:
+        ids = calibration_ids(cfg, source)
     outer = Outer(source.layout, source.checkpoint.read, device)
     log.info("calibration: %d windows of %d tokens from %s, states on %s", *ids.shape, cfg.calib_data, store)
     return outer, ids
@@ -335,12 +350,12 @@ def perplexity(folder: Path, windows: torch.Tensor, cfg: PruneConfig, progress: 
 
 def make_step(cfg: PruneConfig, source: Source, device: torch.device, store: torch.device | Path,
               targets: dict[str, float], journal: resume.Journal, recipe: dict,
-              progress: bool) -> tuple[object, Activations | None]:
+              progress: bool, calib_ids: torch.Tensor | None = None) -> tuple[object, Activations | None]:
     """The engine step for ``cfg``, with its calibration activations when the criterion needs them."""
     criterion = criteria.get(cfg.method)
     if not (criterion.needs_calibration or cfg.ratios == "owl"):
         return PruneStep(criterion, targets, cfg.parsed_pattern, cfg.norm), None
-    outer, ids = calibration(cfg, source, device, store)
+    outer, ids = calibration(cfg, source, device, store, calib_ids)
     recipe["calibration"] = {"data": cfg.calib_data, "nsamples": ids.shape[0], "seqlen": ids.shape[1],
                              "seed": cfg.seed}
     if cfg.ratios == "owl":
@@ -392,9 +407,11 @@ def stream_into(tmp: Path, cfg: PruneConfig, source: Source, step, acts: Activat
     fault_point("finalize")
 
 
-def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True) -> dict:
+def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True,
+          calib_ids: torch.Tensor | None = None) -> dict:
     """Run ``cfg`` end to end; returns the recipe that is also written as llmprune.json.
 
+    ``calib_ids``: calibration windows tokenised earlier (``calibration_ids``), for runs that share them.
     An interrupted run of the same options beside the output is continued (see ``resume``).
     """
     start = time.perf_counter()
@@ -420,7 +437,7 @@ def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True) -
         if cfg.parsed_pattern.structured:
             step = shrink = structured.plan(cfg, source, device, recipe, progress)
         else:
-            step, acts = make_step(cfg, source, device, store, targets, journal, recipe, progress)
+            step, acts = make_step(cfg, source, device, store, targets, journal, recipe, progress, calib_ids)
         if shrink is None:
             targets = step.targets  # OWL's, when it chose them
         if journal.layers_done:
@@ -455,6 +472,7 @@ def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True) -
         recipe["peak_rss_mb"] = round(peak_rss_mb(), 1)
         if device.type == "cuda":
             recipe["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        recipe["plots"] = sparsity_chart(recipe, tmp)
         (tmp / "llmprune.json").write_text(json.dumps(recipe, indent=2) + "\n")
         if cfg.finetune is not None and cfg.finetune.steps > 0:
             recipe = finetune_pruned(cfg, tmp, output, source, command, progress)
@@ -497,6 +515,27 @@ def finetune_pruned(cfg: PruneConfig, tmp: Path, output: Path, source: Source, c
     recipe["finetune"]["config"].update(model=str(output), output=str(output))
     recipe["finetune"]["input"] = {"model": "the pruned model of this run"}
     return recipe
+
+
+SPARSITY_CHART = "sparsity.png"
+
+
+def sparsity_chart(recipe: dict, folder: Path) -> dict[str, str]:
+    """The per-layer sparsity bar chart beside the model; without matplotlib, a warning and no chart."""
+    from . import plots
+
+    sp = recipe["sparsity"]
+    kind = "owl" if "owl" in recipe else recipe["config"].get("schedule") or recipe["config"].get("ratios") or "uniform"
+    try:
+        plots.sparsity_bars(sp["layers"], sp["target_mean"], folder / SPARSITY_CHART,
+                            f"{recipe['config']['method']}, {recipe['config']['pattern']}, {kind}: "
+                            f"{sp['overall']:.1%} overall")
+    except LlmpruneError as err:
+        if str(err) != plots.NEEDS_MATPLOTLIB:
+            raise
+        log.warning("no sparsity chart: %s", err)
+        return {}
+    return {"sparsity": SPARSITY_CHART}
 
 
 def base_model_id(model: str, source: Source) -> str | None:

@@ -104,17 +104,23 @@ def linear_schedule(matrices: list[Matrix], mean: float, spread: float) -> dict[
     """Sparsity rising linearly with depth by ``spread`` in all, parameter-weighted mean ``mean``.
 
     Layer ratios are base + spread * (t - 1/2) with t from 0 (first layer) to 1 (last), shifted so
-    that the parameter-weighted mean is exact, then clipped to [0, 0.99] with the shift re-solved
-    (bisection) so clipping does not move the mean.
+    that the parameter-weighted mean is exact (``centred``).
     """
     if not matrices:
         return {}
     last = max(m.layer for m in matrices)
-    depth = {m.name: (m.layer / last if last else 0.5) - 0.5 for m in matrices}
+    return centred(matrices, mean, {m.name: spread * ((m.layer / last if last else 0.5) - 0.5) for m in matrices})
+
+
+def centred(matrices: list[Matrix], mean: float, offsets: dict[str, float]) -> dict[str, float]:
+    """``mean + shift + offsets[name]`` per matrix, clipped to [0, 0.99], with the one shift that makes
+    the parameter-weighted mean exactly ``mean`` (bisection, so clipping does not move the mean)."""
+    if not matrices:
+        return {}
     total = sum(m.numel for m in matrices)
 
     def ratios(shift: float) -> dict[str, float]:
-        return {m.name: min(max(mean + shift + spread * depth[m.name], 0.0), 0.99) for m in matrices}
+        return {m.name: min(max(mean + shift + offsets[m.name], 0.0), 0.99) for m in matrices}
 
     def weighted(shift: float) -> float:
         r = ratios(shift)

@@ -24,10 +24,10 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .arch import LayerCalls, Layout, Linear, Outer, materialize
 from .checkpoint import Checkpoint, ShardWriter, TensorSpec
+from .progress import track
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +107,8 @@ def layers(checkpoint: Checkpoint, layout: Layout, device: torch.device, dtype: 
 
     with ThreadPoolExecutor(max_workers=1) as reader:
         ahead = reader.submit(read_layer, start) if start < layout.num_layers else None
-        for index in tqdm(range(start, layout.num_layers), desc=desc, unit="layer", disable=not progress,
-                          initial=start, total=layout.num_layers):
+        for index in track(range(start, layout.num_layers), desc, "layer", enabled=progress, initial=start,
+                           total=layout.num_layers):
             tensors = ahead.result()
             ahead = reader.submit(read_layer, index + 1) if index + 1 < layout.num_layers else None
             yield Layer(index, {n: t.to(device, non_blocking=True) for n, t in tensors.items()}, layout)
@@ -206,6 +206,16 @@ class Activations:
             self.calls[h.shape[0]].run(module, index, h)
 
     @torch.no_grad()
+    def each_output(self, module: nn.Module, index: int) -> Iterator[torch.Tensor]:
+        """The layer's output for each chunk in turn, on the device (one chunk alive at a time)."""
+        for i in range(len(self.hidden)):
+            h = self.chunk(i)
+            yield self.calls[h.shape[0]].run(module, index, h)
+
+    def outputs(self, module: nn.Module, index: int) -> list[torch.Tensor]:
+        """The layer's outputs for every chunk, in memory on the store (the CPU when it spills)."""
+        return [out.to(self.store) for out in self.each_output(module, index)]
+
     def advance(self, module: nn.Module, index: int) -> None:
         old, self.generation = self.hidden, self.generation + 1
         new = []

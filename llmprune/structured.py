@@ -297,9 +297,10 @@ def plan(cfg: PruneConfig, source: Source, device: torch.device, recipe: dict, p
 
 
 def _calibrated_activations(cfg: PruneConfig, source: Source, device: torch.device, recipe: dict) -> Activations:
-    from .pipeline import CALIB_BATCH, calibration
+    from .pipeline import CALIB_BATCH, calibration, calibration_store
 
-    outer, ids, store = calibration(cfg, source, device)
+    store = calibration_store(cfg, source, device)
+    outer, ids = calibration(cfg, source, device, store)
     recipe["calibration"] = {"data": cfg.calib_data, "nsamples": ids.shape[0], "seqlen": ids.shape[1],
                              "seed": cfg.seed}
     return Activations(outer, ids, CALIB_BATCH, store)

@@ -85,3 +85,10 @@ def tiny_with_tokenizer(tmp_path_factory):
     for name in TOKENIZER_FILES:
         shutil.copy(smol / name, folder / name)
     return folder
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a PNG file; fails unless it starts with the PNG signature and an IHDR chunk."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", f"{path} is not a PNG"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")

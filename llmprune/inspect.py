@@ -1,0 +1,208 @@
+"""What a checkpoint really holds: each decoder layer's matrices with shape, dtype, sparsity and N:M validity.
+
+Tensors are read one at a time through ``checkpoint.Checkpoint`` and freed before the next, and
+N:M groups are checked a block of rows at a time, so memory stays O(one tensor) whatever the
+model's size. Tensors outside the decoder layers (embeddings, norms, head) are counted from the
+shard headers without being read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .arch import as_out_in
+from .errors import LlmpruneError
+from .masks import Pattern, is_n_m
+from .progress import table, track
+
+log = logging.getLogger(__name__)
+
+DEFAULT_N_M = ("2:4", "4:8")
+ROWS_PER_CHECK = 1024  # N:M validity is checked this many output rows at a time
+
+
+@dataclass
+class MatrixReport:
+    """One prunable matrix as stored."""
+
+    name: str  # checkpoint tensor name
+    linear: str  # module path inside the layer, e.g. "self_attn.q_proj"
+    layer: int
+    shape: list[int]
+    dtype: str
+    numel: int
+    zeros: int
+    n_m: dict[str, bool]  # "2:4" -> every group of 4 along the input dim has >= 2 zeros
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.numel if self.numel else 0.0
+
+
+@dataclass
+class Report:
+    """The whole inspection; ``to_dict`` is the ``--json`` form."""
+
+    model: str
+    folder: str
+    n_m_checked: list[str]
+    matrices: list[MatrixReport]
+    num_layers: int
+    other_params: int  # parameters outside the prunable matrices (embeddings, norms, head, biases)
+    weights_bytes: int  # the safetensors shards
+    folder_bytes: int  # everything in the folder
+    dtypes: dict[str, int]  # dtype -> parameters stored in it
+    recipe: dict | None = None  # the llmprune.json summary, when present
+    layers: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        for m, d in zip(self.matrices, out["matrices"]):
+            d["sparsity"] = m.sparsity
+        out["totals"] = self.totals()
+        return out
+
+    def totals(self) -> dict:
+        numel = sum(m.numel for m in self.matrices)
+        zeros = sum(m.zeros for m in self.matrices)
+        return {"prunable_params": numel, "prunable_zeros": zeros,
+                "prunable_sparsity": zeros / numel if numel else 0.0, "other_params": self.other_params,
+                "params": numel + self.other_params,
+                "n_m": {p: all(m.n_m[p] for m in self.matrices) for p in self.n_m_checked}}
+
+
+def parse_n_m(text: str | tuple[str, ...] | list[str]) -> list[Pattern]:
+    parts = [t.strip() for t in text.split(",")] if isinstance(text, str) else list(text)
+    patterns = [Pattern.parse(p) for p in parts if p]
+    if any(p.kind != "nm" for p in patterns):
+        raise LlmpruneError(f"--n-m takes N:M patterns such as 2:4,4:8, got {text!r}")
+    return patterns
+
+
+def n_m_valid(weight: torch.Tensor, pattern: Pattern) -> bool:
+    """``masks.is_n_m`` over (out, in) ``weight``, a block of rows at a time (bounded extra memory)."""
+    return all(is_n_m(block, pattern.n, pattern.m) for block in weight.split(ROWS_PER_CHECK))
+
+
+def matrix_report(tensor: torch.Tensor, name: str, linear, layer: int, patterns: list[Pattern]) -> MatrixReport:
+    weight = as_out_in(tensor, linear)
+    zeros = tensor.numel() - int(torch.count_nonzero(tensor))
+    return MatrixReport(name=name, linear=linear.name, layer=layer, shape=list(tensor.shape),
+                        dtype=str(tensor.dtype).removeprefix("torch."), numel=tensor.numel(), zeros=zeros,
+                        n_m={str(p): n_m_valid(weight, p) for p in patterns})
+
+
+def recipe_summary(folder: Path) -> dict | None:
+    """The parts of an llmprune.json worth showing, or None when there is none (or it is unreadable)."""
+    path = folder / "llmprune.json"
+    if not path.is_file():
+        return None
+    try:
+        recipe = json.loads(path.read_text())
+    except (OSError, ValueError):
+        log.warning("%s is unreadable; recipe not shown", path)
+        return None
+    cfg = recipe.get("config", {})
+    keep = ("method", "pattern", "sparsity", "ratios", "schedule", "norm", "dtype")
+    out = {k: cfg[k] for k in keep if cfg.get(k) is not None}
+    out.update({k: recipe[k] for k in ("created", "command") if recipe.get(k)})
+    out["input"] = recipe.get("input", {}).get("model")
+    if "sparsity" in recipe:
+        out["achieved"] = recipe["sparsity"].get("overall")
+    if "finetune" in recipe:
+        out["finetuned"] = True
+    return out
+
+
+def inspect(model: str, revision: str | None = None, n_m: str | tuple[str, ...] = DEFAULT_N_M,
+            progress: bool = True) -> Report:
+    """Stream ``model`` (folder, Hub id or ``packaged:smollm2``) and report what its checkpoint holds."""
+    from .pipeline import open_source
+
+    patterns = parse_n_m(n_m)
+    source = open_source(model, revision)
+    checkpoint, layout = source.checkpoint, source.layout
+    try:
+        matrices = []
+        for index in track(range(layout.num_layers), "inspect", "layer", enabled=progress):
+            for linear, name in layout.linear_names(index):
+                if name in checkpoint.location:
+                    matrices.append(matrix_report(checkpoint.read(name), name, linear, index, patterns))
+    finally:
+        checkpoint.close()
+    prunable = {m.name for m in matrices}
+    dtypes: dict[str, int] = {}
+    other = 0
+    for name in checkpoint.names:
+        spec = checkpoint.spec(name)
+        numel = math.prod(spec.shape)
+        key = str(spec.dtype).removeprefix("torch.")
+        dtypes[key] = dtypes.get(key, 0) + numel
+        other += 0 if name in prunable else numel
+    report = Report(model=model, folder=str(source.folder), n_m_checked=[str(p) for p in patterns],
+                    matrices=matrices, num_layers=layout.num_layers, other_params=other,
+                    weights_bytes=checkpoint.nbytes, folder_bytes=folder_size(source.folder), dtypes=dtypes,
+                    recipe=recipe_summary(source.folder))
+    report.layers = layer_totals(report)
+    return report
+
+
+def folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def layer_totals(report: Report) -> list[dict]:
+    """Per decoder layer: parameters, zeros, sparsity, and whether every matrix passes each N:M check."""
+    out = []
+    for index in range(report.num_layers):
+        mine = [m for m in report.matrices if m.layer == index]
+        numel, zeros = sum(m.numel for m in mine), sum(m.zeros for m in mine)
+        out.append({"layer": index, "params": numel, "zeros": zeros, "sparsity": zeros / numel if numel else 0.0,
+                    "n_m": {p: all(m.n_m[p] for m in mine) for p in report.n_m_checked}})
+    return out
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def render(report: Report) -> str:
+    """The text table: one row per matrix, a total row per layer, then totals, size and recipe."""
+    head = ["layer", "matrix", "shape", "dtype", "sparsity", *report.n_m_checked]
+    rows = [head]
+    for layer in report.layers:
+        for m in (m for m in report.matrices if m.layer == layer["layer"]):
+            rows.append([str(m.layer), m.linear, "x".join(map(str, m.shape)), m.dtype, f"{m.sparsity:.2%}",
+                         *(_yes(m.n_m[p]) for p in report.n_m_checked)])
+        rows.append(["", "(layer)", f"{layer['params']:,}", "", f"{layer['sparsity']:.2%}",
+                     *(_yes(layer["n_m"][p]) for p in report.n_m_checked)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    return "\n".join(lines + [""] + _footer(report))
+
+
+def _footer(report: Report) -> list[str]:
+    t = report.totals()
+    valid = [p for p, ok in t["n_m"].items() if ok]
+    rows = [
+        ("model", f"{report.model} ({report.folder})"),
+        ("decoder layers", f"{report.num_layers}, {len(report.matrices)} prunable matrices"),
+        ("prunable", f"{t['prunable_params']:,} parameters, {t['prunable_zeros']:,} zero ({t['prunable_sparsity']:.4%})"),
+        ("N:M valid", ", ".join(valid) if valid else "none of " + ", ".join(report.n_m_checked)),
+        ("other", f"{t['other_params']:,} parameters (embeddings, norms, head, biases)"),
+        ("dtypes", ", ".join(f"{k} {v:,}" for k, v in report.dtypes.items())),
+        ("size on disk", f"{report.weights_bytes / 1e6:,.1f} MB of weights, {report.folder_bytes / 1e6:,.1f} MB in all"),
+    ]
+    if report.recipe:
+        rows.append(("recipe", ", ".join(f"{k} {v}" for k, v in report.recipe.items() if k not in ("command",))))
+        if report.recipe.get("command"):
+            rows.append(("command", report.recipe["command"]))
+    else:
+        rows.append(("recipe", "none (no llmprune.json)"))
+    return table(rows).splitlines()
