@@ -173,7 +173,11 @@ class Checkpoint:
                 raise LlmpruneError(f"{INDEX_NAME} names {name}, which is missing from {folder}")
             self.shards[name] = Shard(folder / name)
         self.location = self._locate(weight_map)  # stored tensor name -> its shard
-        self.compressed = self._compressed_specs(sparse.folder_compressed_names(folder))
+        self._name_tensors()
+
+    def _name_tensors(self) -> None:
+        """The names the model sees over the located tensors: compressed matrices under their dense names."""
+        self.compressed = self._compressed_specs(sparse.folder_compressed_names(self.folder))
         self._names = self._logical_names()
         self._name_set = set(self._names)
 

@@ -83,6 +83,7 @@ class HubCheckpoint(Checkpoint):
             weight_map, files = None, [SINGLE_NAME]
         self.shards = {f: RemoteShard(repo, commit, f, self.workdir) for f in files}
         self.location = self._locate(weight_map)
+        self._name_tensors()
 
     def close(self) -> None:
         super().close()

@@ -35,7 +35,7 @@ def test_rules_list_form_and_regex(tmp_path):
 
 @pytest.mark.parametrize("text,message", [
     ("{{{", "does not parse"), ("- 1\n- 2\n", "must map"), ('"x": 1.5\n', "in \\[0, 1\\)"),
-    ('"re:(": 0.5\n', "bad regular expression"), ("", "must map"),
+    ('"re:(": 0.5\n', "bad regular expression"), ("", "has no rules"),
 ])
 def test_bad_rule_files(tmp_path, text, message):
     path = tmp_path / "r.yaml"
