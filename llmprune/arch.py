@@ -493,6 +493,13 @@ def check_expressible(layout: Layout, values: dict[str, object], shapes: dict[in
     for name, value in values.items():
         setattr(text, name, value)
     try:
+        # from_dict runs the config class's own validation, as from_pretrained will on the output
+        type(text).from_dict(text.to_dict())
+    except Exception as err:  # transformers' validators raise their own error classes
+        lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+        reason = lines[-1] if lines else type(err).__name__
+        raise LlmpruneError(f"{type(text).__name__} cannot express the pruned model: {reason}") from None
+    try:
         layers = find_layers(build_skeleton(config))[1]
     except (LlmpruneError, RuntimeError, AssertionError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

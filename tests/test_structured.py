@@ -251,3 +251,19 @@ def test_families_with_fused_projections_reload(tiny_models, tmp_path):
         assert json.loads((out / "config.json").read_text())[key] == value
         logits = load(out)(torch.randint(0, 100, (1, 8))).logits
         assert torch.isfinite(logits).all()
+
+
+def test_heads_refused_when_the_config_would_not_load(tmp_path):
+    """transformers validates hidden_size % num_attention_heads when it loads a config: a head count
+    that breaks it is refused up front rather than written as a checkpoint nobody can load."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("llama", hidden_size=128, intermediate_size=256, num_attention_heads=8,
+                               num_key_value_heads=2, num_hidden_layers=2, vocab_size=128)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "dense")
+    # 1 of 4 query heads per KV group -> 6 heads: 128 % 6 != 0
+    assert run_cli(tmp_path / "dense", "--pattern", "heads", "--sparsity", "0.25", "-o", tmp_path / "out", "-q") == 2
+    assert not (tmp_path / "out").exists()
+    # 2 of 4 -> 4 heads: loads
+    assert run_cli(tmp_path / "dense", "--pattern", "heads", "--sparsity", "0.5", "-o", tmp_path / "ok", "-q") == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "ok").config.num_attention_heads == 4
