@@ -92,3 +92,16 @@ def png_size(path: Path) -> tuple[int, int]:
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", f"{path} is not a PNG"
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def expect_error(capsys, tmp_path, args, message):
+    """``llmprune ARGS -o OUT -q`` fails with one line containing ``message``, exit 2, nothing written."""
+    out = tmp_path / "out"
+    capsys.readouterr()  # drop what building the fixture printed
+    code = run_cli(*args, "-o", out, "-q")
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("llmprune: error: ") and message in err, err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "temporary folder left behind"

@@ -22,7 +22,7 @@ from conftest import run_cli, tree_hash
 from llmprune import masks, ratios
 from llmprune.errors import LlmpruneError
 from llmprune.ratios import Matrix
-from test_cli import expect_error
+from conftest import expect_error
 
 ROOT = Path(__file__).resolve().parents[1]
 

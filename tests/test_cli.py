@@ -8,19 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import build_tiny, run_cli
-
-
-def expect_error(capsys, tmp_path, args, message):
-    out = tmp_path / "out"
-    capsys.readouterr()  # drop what building the fixture printed
-    code = run_cli(*args, "-o", out, "-q")
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("llmprune: error: ") and message in err, err
-    assert not out.exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "temporary folder left behind"
+from conftest import build_tiny, expect_error, run_cli
 
 
 @pytest.mark.parametrize("args,message", [

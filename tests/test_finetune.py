@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import build_tiny, run_cli
+from conftest import expect_error as conftest_expect_error
 from llmprune.arch import find_layers
 from llmprune.config import FinetuneConfig
 from llmprune.errors import LlmpruneError
@@ -312,15 +313,7 @@ def test_two_processes_match_one(tiny_tok, one_process, tmp_path, strategy):
 
 
 def expect_error(capsys, tmp_path, args, message):
-    out = tmp_path / "out"
-    capsys.readouterr()
-    code = run_cli("finetune", *args, "-o", out, "-q")
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("llmprune: error: ") and message in err, err
-    assert not out.exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "temporary folder left behind"
+    conftest_expect_error(capsys, tmp_path, ["finetune", *args], message)
 
 
 @pytest.mark.parametrize("args,message", [

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import TOKENIZER_FILES, build_tiny, run_cli, tree_hash
 from llmprune import masks
-from test_cli import expect_error
+from conftest import expect_error
 
 # Per family: MLP readers and writer, attention q/k/v and output (names inside a decoder layer).
 NAMES = {
