@@ -29,6 +29,25 @@ class Options:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def check_ints(self, minimums: dict[str, int], optional: tuple[str, ...] = ()) -> None:
+        """Each named option an int >= its minimum (None allowed for those in ``optional``)."""
+        for name, minimum in minimums.items():
+            value = getattr(self, name)
+            if value is None and name in optional:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise LlmpruneError(f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
+
+    def check_placement(self) -> None:
+        """--dtype, --max-memory and --device, which every command takes."""
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise LlmpruneError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        from .memory import parse_budget
+
+        parse_budget(self.max_memory)
+        if self.device != "auto" and not self.device.startswith(("cpu", "cuda", "mps", "xpu")):
+            raise LlmpruneError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
+
     @classmethod
     def from_dict(cls, data: dict):
         known = {f.name for f in dataclasses.fields(cls)}
@@ -101,21 +120,10 @@ class PruneConfig(Options):
             raise LlmpruneError("--ratios owl needs unstructured pruning: N:M fixes the sparsity of every group")
         if self.ratios == "owl" and self.schedule:
             raise LlmpruneError("--ratios owl and --schedule both set per-layer ratios: choose one")
-        for name, minimum in (("nsamples", 1), ("seqlen", 2), ("eval_seqlen", 2), ("eval_max_windows", 1)):
-            value = getattr(self, name)
-            if value is None and name == "eval_max_windows":
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise LlmpruneError(f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
+        self.check_ints({"nsamples": 1, "seqlen": 2, "eval_seqlen": 2, "eval_max_windows": 1}, ("eval_max_windows",))
         if not self.owl_m > 0 or not 0 <= self.owl_lambda < 0.5:
             raise LlmpruneError("--owl-m must be > 0 and --owl-lambda in [0, 0.5)")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise LlmpruneError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        from .memory import parse_budget
-
-        parse_budget(self.max_memory)
-        if self.device != "auto" and not self.device.startswith(("cpu", "cuda", "mps", "xpu")):
-            raise LlmpruneError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
+        self.check_placement()
         if self.save_format not in SAVE_FORMATS:
             raise LlmpruneError(f"--save-format must be one of {', '.join(SAVE_FORMATS)}, got {self.save_format!r}")
         if self.save_format != "dense" and Pattern.parse(self.pattern).structured:
@@ -166,19 +174,8 @@ class EvalConfig(Options):
             object.__setattr__(self, "tasks", tuple(t.strip() for t in self.tasks.split(",") if t.strip()))
         else:
             object.__setattr__(self, "tasks", tuple(self.tasks))
-        for name, minimum in (("seqlen", 2), ("max_windows", 1), ("batch_size", 1)):
-            value = getattr(self, name)
-            if value is None and name != "seqlen":
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise LlmpruneError(f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise LlmpruneError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        from .memory import parse_budget
-
-        parse_budget(self.max_memory)
-        if self.device != "auto" and not self.device.startswith(("cpu", "cuda", "mps", "xpu")):
-            raise LlmpruneError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
+        self.check_ints({"seqlen": 2, "max_windows": 1, "batch_size": 1}, ("max_windows", "batch_size"))
+        self.check_placement()
         if self.stream not in (None, True, False):
             raise LlmpruneError(f"stream must be True, False or None, got {self.stream!r}")
         if not self.data:
@@ -232,13 +229,8 @@ class FinetuneConfig(Options):
     max_memory: str | None = None  # e.g. "20GB" (the device) or "cpu=8GB,cuda=20GB"
 
     def __post_init__(self) -> None:
-        for name, minimum in (("steps", 0), ("batch_size", 1), ("grad_accum", 1), ("seqlen", 2), ("nsamples", 1),
-                              ("warmup", 0), ("seed", 0), ("eval_seqlen", 2), ("eval_max_windows", 1)):
-            value = getattr(self, name)
-            if value is None and name in ("nsamples", "warmup", "eval_max_windows"):
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise LlmpruneError(f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
+        self.check_ints({"steps": 0, "batch_size": 1, "grad_accum": 1, "seqlen": 2, "nsamples": 1, "warmup": 0,
+                         "seed": 0, "eval_seqlen": 2, "eval_max_windows": 1}, ("nsamples", "warmup", "eval_max_windows"))
         for name in ("lr", "weight_decay", "max_grad_norm"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -251,13 +243,7 @@ class FinetuneConfig(Options):
                               ("targets", BLOCKWISE_TARGETS), ("distributed", DISTRIBUTED)):
             if getattr(self, name) not in choices:
                 raise LlmpruneError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise LlmpruneError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        from .memory import parse_budget
-
-        parse_budget(self.max_memory)
-        if self.device != "auto" and not self.device.startswith(("cpu", "cuda", "mps", "xpu")):
-            raise LlmpruneError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
+        self.check_placement()
         from .checkpoint import parse_size
 
         parse_size(self.max_shard_size)
