@@ -258,7 +258,17 @@ def sparsity_summary(source: Source, targets: dict[str, float], zeros: dict[str,
     }
 
 
-CALIB_BATCH = 8  # calibration windows per forward call
+CALIB_BATCH = 8  # calibration windows per forward call on an accelerator (and the most on any device)
+CPU_CHUNK_TOKENS = 1024  # tokens per forward call on the CPU, where small chunks stay in cache
+
+
+def calibration_batch(device: torch.device, seqlen: int) -> int:
+    """Calibration windows per forward call: 8 on an accelerator; on the CPU about 1024 tokens,
+    measured 1.25x faster than 8 x 512 tokens for a SmolLM2 Wanda prune (elementwise operations
+    on a chunk's activations then run from cache)."""
+    if device.type != "cpu":
+        return CALIB_BATCH
+    return max(1, min(CALIB_BATCH, CPU_CHUNK_TOKENS // max(seqlen, 1)))
 
 
 def calibration_seqlen(cfg: PruneConfig, source: Source) -> int:
@@ -325,7 +335,7 @@ def calibration(cfg: PruneConfig, source: Source, device: torch.device, store: t
 def owl_targets(cfg: PruneConfig, source: Source, outer: Outer, ids: torch.Tensor, store: torch.device | Path,
                 device: torch.device, progress: bool) -> tuple[dict[str, float], list[float]]:
     """OWL: a read-only pass over the dense layers measures outliers; ratios follow from them."""
-    step = OutlierStep(Activations(outer, ids, CALIB_BATCH, store), cfg.owl_m)
+    step = OutlierStep(Activations(outer, ids, calibration_batch(device, ids.shape[1]), store), cfg.owl_m)
     for layer in stream_layers(source.checkpoint, source.layout, device, desc="owl outliers", progress=progress):
         step(layer)
     targets = ratios.owl(prunable_matrices(source), cfg.sparsity, step.ratios, cfg.owl_lambda)
@@ -367,7 +377,7 @@ def make_step(cfg: PruneConfig, source: Source, device: torch.device, store: tor
                          "outlier_ratios": journal.pre["owl"]["outlier_ratios"]}
     if not criterion.needs_calibration:
         return PruneStep(criterion, targets, cfg.parsed_pattern, cfg.norm), None
-    acts = Activations(outer, ids, CALIB_BATCH, store)
+    acts = Activations(outer, ids, calibration_batch(device, ids.shape[1]), store)
     return CalibratedPruneStep(criterion, targets, cfg.parsed_pattern, cfg.norm, acts, cfg.true_sequential), acts
 
 

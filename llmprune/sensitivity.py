@@ -34,8 +34,8 @@ from . import criteria, plots, ratios
 from .arch import Linear, Layout, as_out_in
 from .calibrate import _hooks, collect_stats
 from .config import SensitivityConfig, resolve_device
-from .pipeline import (CALIB_BATCH, Source, calibration, calibration_ids, calibration_store, check_output, open_source, prunable_matrices,
-                       temp_output, versions)
+from .pipeline import (Source, calibration, calibration_batch, calibration_ids, calibration_store, check_output,
+                       open_source, prunable_matrices, temp_output, versions)
 from .progress import track
 from .stream import Activations, Layer
 from .stream import layers as stream_layers
@@ -102,7 +102,8 @@ def recon_damage(cfg: SensitivityConfig, source: Source, device: torch.device, p
     probe = cfg.probe(cfg.sparsity)
     store = calibration_store(probe, source, device)
     outer, ids = calibration(probe, source, device, store)
-    step = DamageStep(criteria.get(cfg.method), cfg.sparsities, cfg.norm, Activations(outer, ids, CALIB_BATCH, store))
+    acts = Activations(outer, ids, calibration_batch(device, ids.shape[1]), store)
+    step = DamageStep(criteria.get(cfg.method), cfg.sparsities, cfg.norm, acts)
     for layer in stream_layers(source.checkpoint, source.layout, device, desc="sensitivity", progress=progress):
         step(layer)
     return step.damage
@@ -114,7 +115,7 @@ def model_stats(criterion: ModuleType, model: nn.Module, linears: Linears, ids: 
     stats = {name: criterion.init_stats(as_out_in(sub.weight, lin)) for name, (lin, sub) in linears.items()}
     handles = _hooks(model, linears, lambda name, x: criterion.accumulate(stats[name], x.reshape(-1, x.shape[-1])))
     try:
-        for chunk in ids.split(CALIB_BATCH):
+        for chunk in ids.split(calibration_batch(model.device, ids.shape[1])):
             model(input_ids=chunk.to(model.device), use_cache=False)
     finally:
         for h in handles:

@@ -297,13 +297,13 @@ def plan(cfg: PruneConfig, source: Source, device: torch.device, recipe: dict, p
 
 
 def _calibrated_activations(cfg: PruneConfig, source: Source, device: torch.device, recipe: dict) -> Activations:
-    from .pipeline import CALIB_BATCH, calibration, calibration_store
+    from .pipeline import calibration, calibration_batch, calibration_store
 
     store = calibration_store(cfg, source, device)
     outer, ids = calibration(cfg, source, device, store)
     recipe["calibration"] = {"data": cfg.calib_data, "nsamples": ids.shape[0], "seqlen": ids.shape[1],
                              "seed": cfg.seed}
-    return Activations(outer, ids, CALIB_BATCH, store)
+    return Activations(outer, ids, calibration_batch(device, ids.shape[1]), store)
 
 
 def _plan_layers(cfg: PruneConfig, source: Source, device: torch.device, recipe: dict, progress: bool) -> Shrink:
