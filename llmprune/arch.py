@@ -235,22 +235,7 @@ class Outer:
         self.hook = _Hook(len(layers))
         for i in range(len(layers)):
             layers[i] = _LayerStandIn(i, self.hook)
-        missing = []
-        for name, param in list(model.named_parameters(remove_duplicate=False)):
-            if not param.is_meta:
-                continue
-            try:
-                tensor = read(layout.checkpoint_name(name))
-            except KeyError:
-                missing.append(name)
-                continue
-            _set_tensor(model, name, tensor.to(device=device, dtype=dtype or tensor.dtype))
-        if missing:
-            model.tie_weights()
-            still = [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
-            if still:
-                raise LlmpruneError(f"the checkpoint lacks {still[0]!r}")
-        self.model = model.to(device)
+        self.model = fill_parameters(model, layout, read, device, dtype)
         self.device = device
 
     @torch.no_grad()
@@ -278,6 +263,37 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     owner, _, attr = name.rpartition(".")
     module = model.get_submodule(owner) if owner else model
     setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
+
+
+def fill_parameters(model: nn.Module, layout: Layout, read: "callable", device: torch.device,
+                    dtype: torch.dtype | None = None, progress: bool = False, desc: str = "load") -> nn.Module:
+    """``model``'s meta-device parameters read from the checkpoint one tensor at a time onto
+    ``device`` (cast to ``dtype``); parameters the checkpoint omits must be tied ones (a head
+    sharing the embedding), which are tied afterwards. Memory: the model plus one tensor."""
+    from .progress import track
+
+    names = [name for name, param in model.named_parameters(remove_duplicate=False) if param.is_meta]
+    missing = []
+    for name in track(names, desc, "tensor", enabled=progress):
+        try:
+            tensor = read(layout.checkpoint_name(name))
+        except KeyError:
+            missing.append(name)
+            continue
+        _set_tensor(model, name, tensor.to(device=device, dtype=dtype or tensor.dtype))
+    if missing:
+        model.tie_weights()
+        still = [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
+        if still:
+            raise LlmpruneError(f"the checkpoint lacks {still[0]!r}")
+    return model.to(device)
+
+
+def load_whole(layout: Layout, read: "callable", device: torch.device, dtype: torch.dtype | None = None,
+               progress: bool = True, desc: str = "load") -> nn.Module:
+    """The whole model, as ``from_pretrained`` builds it, read tensor by tensor with a progress bar
+    (sparse-bitmask folders included, through ``read``); in eval mode."""
+    return fill_parameters(build_skeleton(layout.config), layout, read, device, dtype, progress, desc).eval()
 
 
 def context_length(config: PretrainedConfig) -> int | None:

@@ -251,7 +251,7 @@ def evaluate(model: str | os.PathLike | torch.nn.Module, data: str = "auto", seq
         if stream:
             total = _streamed_nll(source, windows, batch, target, torch_dtype, progress)
         else:
-            total = _whole_nll(source.folder, windows, batch, target, torch_dtype, progress)
+            total = _whole_nll(source, windows, batch, target, torch_dtype, progress)
     finally:
         source.checkpoint.close()
     return _result(str(model), data, windows, total, "streamed" if stream else "whole", target, torch_dtype,
@@ -289,32 +289,27 @@ def _result(model: str, data: str, windows: torch.Tensor, total: torch.Tensor, m
             dtype: torch.dtype, batch: int, seconds: float) -> EvalResult:
     count, length = windows.shape
     tokens = count * (length - 1)
-    nll = float(total)
+    nll = float(total.detach())
     return EvalResult(model=model, data=data, perplexity=math.exp(nll / tokens), nll=nll, tokens=tokens,
                       windows=count, seqlen=length, mode=mode, device=str(device), dtype=_dtype_name(dtype),
                       batch_size=batch, seconds=round(seconds, 3))
 
 
-def _whole_nll(folder: Path, windows: torch.Tensor, batch: int, device: torch.device, dtype: torch.dtype,
+def _whole_nll(source: Source, windows: torch.Tensor, batch: int, device: torch.device, dtype: torch.dtype,
                progress: bool) -> torch.Tensor:
-    return _forward_nll(load_model(folder, device, dtype), windows, batch, device, progress)
+    return _forward_nll(load_model(source, device, dtype, progress), windows, batch, device, progress)
 
 
-def load_model(folder: Path, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """The whole model from ``folder`` on ``device`` in eval mode, without transformers' loading bars."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
+def load_model(source: Source, device: torch.device, dtype: torch.dtype, progress: bool = True) -> torch.nn.Module:
+    """The whole model of ``source`` on ``device`` in eval mode, read tensor by tensor under a "load" bar."""
+    from .arch import load_whole
 
-    shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a bar per tensor loaded is noise next to the evaluation's own
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map=str(device))
-    except Exception as err:  # corrupt shards, unsupported architecture, out of memory, ...
-        raise LlmpruneError(f"cannot load the model in {folder}: {_one_line(err)}") from None
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
-    return model.eval()
+        return load_whole(source.layout, source.checkpoint.read, device, dtype, progress)
+    except LlmpruneError:
+        raise
+    except Exception as err:  # unsupported architecture, out of memory, ...
+        raise LlmpruneError(f"cannot load the model in {source.folder}: {_one_line(err)}") from None
 
 
 @torch.inference_mode()

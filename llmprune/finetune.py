@@ -294,31 +294,32 @@ def _main_only(procs: Processes, progress: bool) -> bool:
     return progress and procs.main
 
 
-@contextlib.contextmanager
-def _no_hf_bars():
-    """transformers' per-tensor loading and saving bars are noise next to the fine-tune's own."""
-    from transformers.utils import logging as hf_logging
-
-    shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
-
-
-def load_for_training(folder: Path, device: torch.device) -> nn.Module:
-    """The model in float32 (the master weights) on ``device``, in training mode."""
-    from transformers import AutoModelForCausalLM
+def load_for_training(source: Source, device: torch.device, progress: bool = True) -> nn.Module:
+    """The model in float32 (the master weights) on ``device``, in training mode, read tensor by
+    tensor under a "load" bar."""
+    from .arch import load_whole
 
     try:
-        with _no_hf_bars():
-            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, device_map=str(device))
-    except Exception as err:  # corrupt shards, unsupported architecture, out of memory
-        raise LlmpruneError(f"cannot load the model in {folder} for training: {_one_line(err)}") from None
+        model = load_whole(source.layout, source.checkpoint.read, device, torch.float32, progress)
+    except LlmpruneError:
+        raise
+    except Exception as err:  # unsupported architecture, out of memory
+        raise LlmpruneError(f"cannot load the model in {source.folder} for training: {_one_line(err)}") from None
     model.config.use_cache = False
     return model.train()
+
+
+def checkpointing(model: nn.Module, on: bool) -> None:
+    """Activation (gradient) checkpointing on or off, by the name the installed transformers uses."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def model_linears(layout) -> dict[str, str]:
@@ -337,7 +338,7 @@ class WholeRun:
     cpu_seconds: float  # its CPU time, all threads
 
 
-def train_whole(cfg: FinetuneConfig, folder: Path, layout, windows: torch.Tensor, device: torch.device,
+def train_whole(cfg: FinetuneConfig, source: Source, windows: torch.Tensor, device: torch.device,
                 precision: str, procs: Processes, progress: bool) -> WholeRun:
     """``cfg.steps`` optimiser steps over ``windows`` (steps * batch * accum rows, cycled when fewer)."""
     from torch.nn.parallel import DistributedDataParallel
@@ -345,9 +346,10 @@ def train_whole(cfg: FinetuneConfig, folder: Path, layout, windows: torch.Tensor
     if cfg.batch_size % procs.world:
         raise LlmpruneError(f"--batch-size {cfg.batch_size} must be a multiple of the {procs.world} processes")
     torch.manual_seed(cfg.seed)
-    model = load_for_training(folder, device)
+    layout = source.layout
+    model = load_for_training(source, device, progress and procs.main)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointing(model, True)
     select_trainable(model, model_linears(layout), cfg.train_norms)
     sharded = procs.world > 1 and cfg.distributed == "fsdp"
     if sharded:
@@ -387,10 +389,10 @@ def train_whole(cfg: FinetuneConfig, folder: Path, layout, windows: torch.Tensor
         bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
     masks.remove_hooks()
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
+        checkpointing(model, False)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     if sharded:
-        model, masks = gather_sharded(model, folder, layout, cfg, procs)
+        model, masks = gather_sharded(model, source, cfg, procs)
     return WholeRun(model.eval() if model is not None else None, masks, losses, cfg.steps * rows * windows.shape[1],
                     seconds, cpu)
 
@@ -426,7 +428,7 @@ def _resync(net: nn.Module):
         net.set_requires_gradient_sync(True)
 
 
-def gather_sharded(model: nn.Module, folder: Path, layout, cfg: FinetuneConfig, procs: Processes
+def gather_sharded(model: nn.Module, source: Source, cfg: FinetuneConfig, procs: Processes
                    ) -> tuple[nn.Module | None, Masks | None]:
     """The trained weights, gathered whole on the main process into a fresh CPU copy of the model
     whose masks come from the input (every process takes part; the others get None)."""
@@ -435,8 +437,8 @@ def gather_sharded(model: nn.Module, folder: Path, layout, cfg: FinetuneConfig, 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not procs.main:
         return None, None
-    fresh = load_for_training(folder, torch.device("cpu"))
-    weights, _ = select_trainable(fresh, model_linears(layout), cfg.train_norms)
+    fresh = load_for_training(source, torch.device("cpu"), progress=False)
+    weights, _ = select_trainable(fresh, model_linears(source.layout), cfg.train_norms)
     masks = Masks(weights)
     masks.remove_hooks()
     missing = set(fresh.load_state_dict(full, strict=False).missing_keys)
@@ -446,8 +448,13 @@ def gather_sharded(model: nn.Module, folder: Path, layout, cfg: FinetuneConfig, 
     return fresh, masks
 
 
-def save_whole(run: WholeRun, tmp: Path, dtype: torch.dtype, max_shard_size: str) -> dict[str, int]:
-    """Cast to ``dtype`` keeping the masks exact, save; returns each masked matrix's zero count."""
+def save_whole(run: WholeRun, source: Source, tmp: Path, dtype: torch.dtype, max_shard_size: str,
+               progress: bool = True) -> dict[str, int]:
+    """Cast to ``dtype`` keeping the masks exact and write the input checkpoint's tensors, under
+    its names and in its order, tensor by tensor under a "save" bar; returns each masked matrix's
+    zero count."""
+    from .stream import output_specs
+
     exact = {name: cast_keeping_mask(p, run.masks.pruned[name], dtype) for name, p in run.masks.params.items()}
     model = run.model.to(dtype)
     zeros, changed = {}, 0
@@ -457,8 +464,18 @@ def save_whole(run: WholeRun, tmp: Path, dtype: torch.dtype, max_shard_size: str
         zeros[name] = p.numel() - int(torch.count_nonzero(p.data))
     if changed:  # cannot happen: cast_keeping_mask makes the zeros the mask's
         raise RuntimeError(f"{changed} weights left their mask")
-    with _no_hf_bars():
-        model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+    state = {source.layout.checkpoint_name(name): t for name, t in model.state_dict().items()}
+    specs = output_specs(source.checkpoint, source.layout, dtype)
+    lacking = [spec.name for spec in specs if spec.name not in state]
+    if lacking:
+        raise RuntimeError(f"the trained model lacks {lacking[0]!r}")
+    writer = ShardWriter(tmp, specs, parse_size(max_shard_size))
+    try:
+        for spec in track(specs, "save", "tensor", enabled=progress):
+            writer.write(spec.name, state[spec.name].detach().to("cpu", spec.dtype))
+        writer.close()
+    finally:
+        writer.abort()
     return zeros
 
 
@@ -769,11 +786,11 @@ def finetune(cfg: FinetuneConfig, command: str | None = None, progress: bool = T
         section: dict = {"mode": mode, "data": data if data == "windows" else data_sources.resolve_source(data), "windows": windows.shape[0], "seqlen": windows.shape[1],
                          "processes": procs.world, "device": str(device), "precision": precision}
         if mode == "whole":
-            trained = train_whole(cfg, source.folder, source.layout, windows, device, precision, procs, progress)
+            trained = train_whole(cfg, source, windows, device, precision, procs, progress)
             if not procs.main:
                 procs.barrier()
                 return {}
-            zeros = save_whole(trained, tmp, out_dtype, cfg.max_shard_size)
+            zeros = save_whole(trained, source, tmp, out_dtype, cfg.max_shard_size, progress)
             section.update(tokens=trained.tokens, train_seconds=round(trained.seconds, 2),
                            train_cpu_seconds=round(trained.cpu_seconds, 2),
                            loss=loss_summary(trained.losses))

@@ -3,9 +3,11 @@
 Only the small files (config, tokenizer, index) are downloaded up front. Each shard's safetensors
 header is fetched with two ranged requests, so the whole output can be planned before any weights
 arrive; a shard is downloaded with ``hf_hub_download`` when its first tensor is read, and deleted
-as soon as every one of its tensors has been read. The engine reads layer by layer (the next
-layer ahead), so at most the shard in use, the next one, and the one holding the embeddings and
-head are on disk at once, beside the output being written.
+as soon as every one of its tensors has been read. A small tensor (at most a quarter of its
+shard) whose shard is not on disk is fetched alone by a ranged request instead: the embeddings,
+final norm and head, read first, never pin the shards they share with the first or last layers.
+The engine reads layer by layer (the next layer ahead), so at most the shards of two consecutive
+layers are on disk at once, beside the output being written.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def _ranged(url: str, start: int, end: int) -> bytes:
     if response.status_code not in (200, 206):
         raise LlmpruneError(f"cannot read {url}: HTTP {response.status_code}")
     data = response.content
-    return data[: end - start + 1] if response.status_code == 200 else data
+    return data[start:end + 1] if response.status_code == 200 else data  # 200: the server sent it all
 
 
 class RemoteShard(Shard):
@@ -43,7 +45,7 @@ class RemoteShard(Shard):
         from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
         self.repo, self.commit, self.filename, self.workdir = repo, commit, filename, workdir
-        url = hf_hub_url(repo, filename, revision=commit)
+        self.url = url = hf_hub_url(repo, filename, revision=commit)
         size = get_hf_file_metadata(url).size
         length = int.from_bytes(_ranged(url, 0, 7), "little")
         self.unread: set[str] = set()
@@ -56,6 +58,14 @@ class RemoteShard(Shard):
         from huggingface_hub import hf_hub_download
 
         with self.lock:
+            spec, start, end = self.entries[name]
+            if not self.path.is_file() and 4 * (end - start) <= self.size:
+                data = _ranged(self.url, self.data_start + start, self.data_start + end - 1) if end > start else b""
+                if len(data) != end - start:
+                    raise LlmpruneError(f"short read of {name!r} from {self.filename}: {len(data)} of {end - start} bytes")
+                self.unread.discard(name)
+                return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(spec.dtype).reshape(spec.shape) \
+                    if data else torch.empty(spec.shape, dtype=spec.dtype)
             if not self.path.is_file():
                 log.info("downloading %s", self.filename)
                 hf_hub_download(self.repo, self.filename, revision=self.commit, local_dir=self.workdir)

@@ -133,7 +133,7 @@ def ppl_damage(cfg: SensitivityConfig, source: Source, device: torch.device, pro
     criterion = criteria.get(cfg.method)
     windows = load_windows(source.folder, resolve_source(cfg.eval), cfg.eval_seqlen, cfg.eval_max_windows)
     ids = calibration_ids(cfg.probe(cfg.sparsity), source) if criterion.needs_calibration else None
-    model = load_model(source.folder, device, torch.float32)
+    model = load_model(source, device, torch.float32, progress)
     dense = evaluate(model, windows=windows, progress=False).perplexity
     _, layers = find_layers(model)
     damage = []

@@ -278,11 +278,27 @@ class Activations:
                 os.fsync(f.fileno())
 
     def load(self, folder: Path) -> None:
-        """Replace the states with those ``save`` wrote (an interrupted run's last layer outputs)."""
+        """Replace the states with those ``save`` wrote (an interrupted run's last layer outputs).
+
+        Chunks saved at another size (the run was interrupted on another device, whose chunking
+        differs) are regrouped window by window; one saved chunk is in memory at a time.
+        """
+        saved = sorted(folder.glob("chunk-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+
+        def windows() -> Iterator[torch.Tensor]:
+            for path in saved:
+                yield from torch.load(path, weights_only=True)
+
+        rows = windows()
         for i in range(len(self.hidden)):
-            h = torch.load(folder / f"chunk-{i}.pt", weights_only=True)
-            if h.shape != self.shapes[i]:
-                raise ValueError(f"saved activations {tuple(h.shape)} do not match {tuple(self.shapes[i])}")
+            want = self.shapes[i]
+            got = [row for _, row in zip(range(want[0]), rows)]
+            if len(got) != want[0] or got[0].shape != want[1:]:
+                found = tuple(got[0].shape) if got else ()
+                raise ValueError(f"saved activations ({len(got)} windows of {found}) do not match {tuple(want)}")
+            h = torch.stack(got)
             old, self.hidden[i] = self.hidden[i], self._keep(i, h)
             if isinstance(old, Path) and old != self.hidden[i]:
                 old.unlink()
+        if next(rows, None) is not None:
+            raise ValueError("saved activations hold more windows than this run calibrates with")

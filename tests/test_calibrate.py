@@ -33,6 +33,24 @@ def test_stream_reproduces_full_model_logits(tiny_models, family):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_saved_activations_load_into_another_chunking(tiny_models, tmp_path):
+    """A run resumed on a device that chunks differently regroups the saved states window by window."""
+    src = open_source(str(tiny_models["llama"]))
+    ids = torch.randint(0, 128, (5, 16), generator=torch.Generator().manual_seed(0))
+    outer = Outer(src.layout, src.checkpoint.read, torch.device("cpu"))
+    saved = Activations(outer, ids, 2, torch.device("cpu"))
+    for layer in layers(src.checkpoint, src.layout, torch.device("cpu"), progress=False):
+        saved.advance(layer.module(), layer.index)
+        break
+    Activations.save(saved.snapshot(), tmp_path / "acts")
+    other = Activations(outer, ids, 4, tmp_path / "spill")  # chunks of 4 and 1, spilled to disk
+    other.load(tmp_path / "acts")
+    assert torch.equal(torch.cat([other.chunk(i) for i in range(2)]), torch.cat(saved.hidden))
+    fewer = Activations(outer, ids[:4], 4, torch.device("cpu"))
+    with pytest.raises(ValueError, match="more windows"):
+        fewer.load(tmp_path / "acts")
+
+
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_calibrated_methods_exact_and_loadable(tiny_with_tokenizer, calib_text, tmp_path, method, pattern):

@@ -141,3 +141,28 @@ def test_prune_json_lines_end_with_summary(tiny_models, tmp_path, capsys):
     assert [e["event"] for e in events] == ["summary"]
     assert events[0]["sparsity"] == pytest.approx(0.5) and events[0]["output"] == str(out)
     assert events[0]["peak_rss_mb"] > 0 and events[0]["perplexity_pruned"] is None
+
+
+def _steps(capsys) -> dict[str, list[str]]:
+    """The progress events on stderr, grouped by step."""
+    events = [json.loads(line) for line in capsys.readouterr().err.strip().splitlines()]
+    steps: dict[str, list[str]] = {}
+    for e in events:
+        if e.get("step") is not None:
+            steps.setdefault(e["step"], []).append(e["event"])
+    return steps
+
+
+def test_whole_model_load_and_save_have_progress(tiny_with_tokenizer, calib_text, tmp_path, capsys):
+    """Whole-model evaluation and fine-tuning report their load and save as steps with ETA."""
+    assert run_cli("eval", tiny_with_tokenizer, "--no-stream", "--data", calib_text, "--seqlen", "32",
+                   "--max-windows", "4", "--log-format", "json") == 0
+    steps = _steps(capsys)
+    assert steps["load"][0] == "start" and steps["load"][-1] == "done" and "progress" in steps["load"]
+    assert steps["eval"][-1] == "done"
+    out = tmp_path / "ft"
+    assert run_cli("finetune", tiny_with_tokenizer, "-o", out, "--steps", "2", "--seqlen", "32", "--batch-size", "2",
+                   "--mode", "whole", "--data", calib_text, "--log-format", "json") == 0
+    steps = _steps(capsys)
+    for step in ("load", "fine-tune", "save"):
+        assert steps[step][0] == "start" and steps[step][-1] == "done", step
