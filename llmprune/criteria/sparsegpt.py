@@ -84,16 +84,15 @@ def inverse_hessian_factor(h: torch.Tensor, percdamp: float) -> torch.Tensor:
         if attempt:
             log.warning("sparsegpt: Hessian not positive definite with dampening %.3g; retrying with %.3g",
                         fracs[attempt - 1], frac)
-        damped = h.clone()
+        # With J the reversal permutation and J H J = L L^T, U = J L^-1 J is upper triangular and
+        # U^T U = J L^-T L^-1 J = H^-1: one Cholesky and one triangular solve, H^-1 never formed
+        # (1.6x faster than factoring H, inverting, and factoring H^-1 again; and more accurate).
+        damped = h.flip(0, 1)  # a copy
         damped.diagonal().add_(frac * mean_diag)
         lower, info = torch.linalg.cholesky_ex(damped)
         if info == 0:
-            # H^-1 = L^-T L^-1; torch.cholesky_inverse is ~30x slower on the CPU (LAPACK potri).
-            lower_inv = torch.linalg.solve_triangular(lower, torch.eye(len(h), device=h.device, dtype=h.dtype),
-                                                      upper=False)
-            upper, info = torch.linalg.cholesky_ex(lower_inv.t() @ lower_inv, upper=True)
-            if info == 0:
-                return upper
+            eye = torch.eye(len(h), device=h.device, dtype=h.dtype)
+            return torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
     raise LlmpruneError(f"sparsegpt: Hessian not positive definite even with dampening {fracs[-1]:.3g}")
 
 
@@ -109,8 +108,18 @@ def _prune_block(w: torch.Tensor, hinv: torch.Tensor, pruned: torch.Tensor, c0: 
         k = prune_count(rows * c1, sparsity) - prune_count(rows * c0, sparsity)
         mask.copy_(masks.lowest_k((block.square() / d.square()).reshape(-1), k).view_as(mask))
     err = torch.empty_like(block)
-    # Five in-place or (out,)-sized ops per column: on CPU the per-op overhead dominates.
-    for i in range(c1 - c0):
+    # Five in-place or (out,)-sized ops per column: on CPU the per-op overhead dominates, so the
+    # column loop runs on one thread; the block's trailing update below is one big matmul.
+    with _one_cpu_thread(w.device):
+        _columns(block, err, hb, d, mask, pattern)
+    w[:, c0:c1] = block
+    w[:, c1:] -= err @ hinv[c0:c1, c1:]  # the block's error, once, onto every later column
+
+
+def _columns(block: torch.Tensor, err: torch.Tensor, hb: torch.Tensor, d: torch.Tensor, mask: torch.Tensor,
+             pattern: Pattern) -> None:
+    """The OBS column loop over one block, in place (``err`` receives each column's scaled error)."""
+    for i in range(block.shape[1]):
         if pattern.kind == "nm" and i % pattern.m == 0:
             # Chosen from the weights as updated so far, as in the reference.
             group = block[:, i:i + pattern.m].square() / d[i:i + pattern.m].square()
@@ -120,8 +129,6 @@ def _prune_block(w: torch.Tensor, hinv: torch.Tensor, pruned: torch.Tensor, c0: 
         e /= d[i]  # (out,): the pruned part of column i, scaled by the inverse Hessian
         block[:, i:].addr_(e, hb[i, i:], alpha=-1)  # OBS update of this and later columns
         block[:, i].masked_fill_(mask[:, i], 0)  # pruned weights exactly 0, not w - (w / d) * d
-    w[:, c0:c1] = block
-    w[:, c1:] -= err @ hinv[c0:c1, c1:]  # the block's error, once, onto every later column
 
 
 @contextmanager
@@ -164,8 +171,7 @@ def prune(weight: torch.Tensor, sparsity: float, pattern: Pattern, stats: Hessia
     hinv = inverse_hessian_factor(h, percdamp)
 
     pruned = torch.zeros(rows, cols, dtype=torch.bool, device=weight.device)
-    with _one_cpu_thread(weight.device):
-        for c0 in range(0, cols, blocksize):
-            _prune_block(w, hinv, pruned, c0, min(c0 + blocksize, cols), sparsity, pattern)
+    for c0 in range(0, cols, blocksize):
+        _prune_block(w, hinv, pruned, c0, min(c0 + blocksize, cols), sparsity, pattern)
     keep = ~pruned
     return w.to(weight.dtype).masked_fill_(~keep, 0), keep
