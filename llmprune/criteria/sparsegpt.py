@@ -90,6 +90,7 @@ def inverse_hessian_factor(h: torch.Tensor, percdamp: float) -> torch.Tensor:
         damped = h.flip(0, 1)  # a copy
         damped.diagonal().add_(frac * mean_diag)
         lower, info = torch.linalg.cholesky_ex(damped)
+        del damped  # n x n floats: 3.3 GB for a 70B down_proj
         if info == 0:
             eye = torch.eye(len(h), device=h.device, dtype=h.dtype)
             return torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
