@@ -70,7 +70,7 @@ def _libc() -> ctypes.CDLL | None:
 MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its dynamic threshold
 
 
-def return_freed_memory() -> None:
+def tune_allocator() -> None:
     """Set glibc's allocator up for streaming: fast within a layer, O(layer) across layers.
 
     Buffers up to 32 MB (a layer's activations per chunk) come from the heap and are reused from
@@ -125,7 +125,7 @@ def layers(checkpoint: Checkpoint, layout: Layout, device: torch.device, dtype: 
     """Each decoder layer from ``start`` on, on ``device``, the next one read ahead on a worker thread."""
     if per_layer is None:
         per_layer = group_names(checkpoint, layout)[1]
-    return_freed_memory()
+    tune_allocator()
 
     def read_layer(index: int) -> dict[str, torch.Tensor]:
         return {name: _convert(checkpoint.read(name), dtype) for name in per_layer[index]}
@@ -155,7 +155,6 @@ def run(checkpoint: Checkpoint, layout: Layout, step: Step, writer: ShardWriter,
     ``start`` are taken as written. ``on_layer(i)`` is called right after the step has processed
     layer i; the callable it returns runs once layer i (and everything before it) is written.
     """
-    return_freed_memory()
     outside, per_layer = group_names(checkpoint, layout)
     if start == 0:
         for name in outside:
