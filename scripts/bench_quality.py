@@ -38,6 +38,8 @@ from llmprune.packaged import smollm2_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 CALIB = dict(nsamples=64, seqlen=512, seed=0)
+CALIB_FLAGS = ["--calib-data", "sotu", "--nsamples", str(CALIB["nsamples"]), "--seqlen", str(CALIB["seqlen"]),
+               "--seed", str(CALIB["seed"])]  # llmprune's flags for that calibration set
 EVAL_SEQLEN = 1024
 ROWS = [  # (label, tool, method, pattern, sparsity, extra flags), in running order
     ("magnitude 50%", "llmprune", "magnitude", "unstructured", 0.5, []),
@@ -66,8 +68,7 @@ def prune_command(label: str, tool: str, method: str, pattern: str, sparsity: fl
                 "--model", str(model), "--method", method, "--pattern", pattern, "--sparsity", "0.5",
                 "--calib", str(calib), "--output", str(out)]
     cmd = [sys.executable, "-m", "llmprune.cli", "packaged:smollm2", "--method", method, "--pattern", pattern,
-           "--calib-data", "sotu", "--nsamples", str(CALIB["nsamples"]), "--seqlen", str(CALIB["seqlen"]),
-           "--seed", str(CALIB["seed"]), "-o", str(out), "--overwrite", "-q", *extra]
+           *CALIB_FLAGS, "-o", str(out), "--overwrite", "-q", *extra]
     return cmd + (["--sparsity", str(sparsity)] if sparsity is not None else [])
 
 

