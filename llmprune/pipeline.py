@@ -13,7 +13,6 @@ import os
 import platform
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
