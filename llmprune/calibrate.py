@@ -20,6 +20,7 @@ from torch import nn
 
 from .arch import Linear, as_out_in
 from .criteria import wanda
+from .errors import LlmpruneError
 from .masks import Pattern
 from .stream import Activations, Layer
 
@@ -57,15 +58,45 @@ def input_groups(module: nn.Module, index: int, acts: Activations,
 
 def collect_stats(criterion: ModuleType, module: nn.Module, index: int, acts: Activations,
                   linears: dict[str, tuple[Linear, nn.Module]]) -> dict[str, object]:
-    """Run the calibration states through the layer, accumulating each linear's statistics."""
-    stats = {name: criterion.init_stats(as_out_in(sub.weight, lin)) for name, (lin, sub) in linears.items()}
-    handles = _hooks(module, linears, lambda name, x: criterion.accumulate(stats[name], x.reshape(-1, x.shape[-1])))
+    """Run the calibration states through the layer, accumulating each linear's statistics.
+
+    Linears called one after another on the same input tensor (q, k and v; gate and up) share one
+    statistics object, accumulated once: the same numbers, and for SparseGPT one Hessian and one
+    factorisation instead of three. The sharing is decided on the first chunk and checked on every
+    later one.
+    """
+    stats: dict[str, object] = {}
+    leader: dict[str, str] = {}  # linear -> the linear whose statistics it shares (itself if none)
+    last: list = [None, None]  # input tensor and linear of the previous hook call
+
+    def hook(name: str, x: torch.Tensor) -> None:
+        prev_x, prev = last
+        same = prev is not None and prev_x is x
+        if name not in leader:
+            lin, sub = linears[name]
+            shared = same and as_out_in(sub.weight, lin).shape[1] == as_out_in(linears[prev][1].weight, linears[prev][0]).shape[1]
+            leader[name] = leader[prev] if shared else name
+            if not shared:
+                stats[name] = criterion.init_stats(as_out_in(sub.weight, lin))
+        elif leader[name] != name and not (same and leader[prev] == leader[name]):
+            raise LlmpruneError(f"layer {index}: {name} read the input of {leader[name]} on the first calibration "
+                                "chunk but not on a later one")
+        if leader[name] == name:
+            criterion.accumulate(stats[name], x.reshape(-1, x.shape[-1]))
+        last[:] = [x, name]
+
+    handles = _hooks(module, linears, hook)
     try:
         acts.forward(module, index)
     finally:
         for h in handles:
             h.remove()
-    return stats
+        last[:] = [None, None]
+    for name, (lin, sub) in linears.items():  # a linear the forward never reached: empty statistics
+        if name not in leader:
+            leader[name] = name
+            stats[name] = criterion.init_stats(as_out_in(sub.weight, lin))
+    return {name: stats[leader[name]] for name in linears}
 
 
 @dataclass

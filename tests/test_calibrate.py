@@ -9,6 +9,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import FAMILIES, run_cli
 from llmprune.arch import Outer
+from llmprune.calibrate import collect_stats
+from llmprune.criteria import sparsegpt, wanda
 from llmprune.masks import is_n_m
 from llmprune.pipeline import open_source
 from llmprune.stream import Activations, layers
@@ -121,3 +123,26 @@ def test_calibration_is_deterministic_for_a_seed(tiny_with_tokenizer, calib_text
 def test_owl_refuses_n_m(tiny_models, capsys):
     assert run_cli(tiny_models["llama"], "--pattern", "2:4", "--ratios", "owl", "-q") == 2
     assert "--ratios owl needs unstructured" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("criterion", [sparsegpt, wanda])
+def test_linears_reading_one_input_share_their_statistics(tiny_models, criterion):
+    """q/k/v and gate/up get one statistics object each, equal to what each alone would accumulate."""
+    src = open_source(str(tiny_models["llama"]))
+    ids = torch.randint(0, 128, (5, 16), generator=torch.Generator().manual_seed(0))
+    outer = Outer(src.layout, src.checkpoint.read, torch.device("cpu"))
+    acts = Activations(outer, ids, 2, torch.device("cpu"))  # three chunks: sharing checked on each
+    layer = next(iter(layers(src.checkpoint, src.layout, torch.device("cpu"), progress=False)))
+    module = layer.module()
+    linears = {name: (lin, module.get_submodule(lin.name)) for lin, name in layer.linears()}
+    stats = collect_stats(criterion, module, layer.index, acts, linears)
+    short = {name.split(".")[-2]: s for name, s in stats.items()}
+    assert short["q_proj"] is short["k_proj"] is short["v_proj"]
+    assert short["gate_proj"] is short["up_proj"]
+    assert len({id(s) for s in stats.values()}) == 4  # qkv, o, gate/up, down
+    # The k projection's own statistics, accumulated separately, are the shared ones.
+    k_name = next(n for n in linears if ".k_proj." in n)
+    alone = collect_stats(criterion, module, layer.index, acts, {k_name: linears[k_name]})[k_name]
+    field = "h" if criterion is sparsegpt else "sum_sq"
+    assert torch.equal(getattr(alone, field), getattr(short["k_proj"], field))
+    assert alone.tokens == short["k_proj"].tokens == ids.numel()

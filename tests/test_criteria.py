@@ -140,9 +140,27 @@ def test_sparsegpt_raises_dampening_when_the_hessian_is_indefinite(caplog):
     assert "retrying with 0.1" in caplog.text
     assert torch.isfinite(pruned).all() and int(keep.sum()) == 1
 
-    stats.h[0, 0] = float("nan")
+    stats = sparsegpt.Hessian(torch.tensor([[float("nan"), 1.05], [1.05, 1.0]]), tokens=1)
     with pytest.raises(LlmpruneError, match="non-finite"):
         sparsegpt.prune(torch.tensor([[1.0, 2.0]]), 0.5, UNSTRUCTURED, stats)
+
+
+def test_sparsegpt_statistics_serve_several_matrices_with_one_factorisation():
+    # q, k and v share one Hessian: each prunes exactly as with statistics of its own.
+    torch.manual_seed(0)
+    x = torch.randn(256, 16)
+    x[:, 3] = 0  # a dead input
+    ws = [torch.randn(rows, 16) for rows in (8, 4, 4)]
+    shared = calibrate(sparsegpt, ws[0], x)
+    for w in ws:
+        alone = sparsegpt.prune(w, 0.5, UNSTRUCTURED, calibrate(sparsegpt, w, x))
+        together = sparsegpt.prune(w, 0.5, UNSTRUCTURED, shared)
+        assert torch.equal(alone[0], together[0]) and torch.equal(alone[1], together[1])
+    assert shared.h is None and shared.factor is not None  # H dropped once factored
+    with pytest.raises(LlmpruneError, match="dampening 0.01, asked for 0.1"):
+        sparsegpt.prune(ws[0], 0.5, UNSTRUCTURED, shared, percdamp=0.1)
+    with pytest.raises(LlmpruneError, match="already used"):
+        sparsegpt.accumulate(shared, x)
 
 
 def test_sparsegpt_bad_requests_are_clear_errors():

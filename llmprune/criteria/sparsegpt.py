@@ -15,6 +15,10 @@ M-th column the N lowest scores of the next M columns are pruned.
 Inputs that never fired (H_ii = 0) have their weights zeroed, as in the reference; they score 0 and
 are pruned first, but if they outnumber the prune count some zeros are left marked as kept.
 
+One statistics object may serve several matrices (the engine shares it between linears that read
+the same input, as q, k and v do): the factor of H^-1 is computed at the first ``prune`` and kept,
+and H itself is dropped then, so a shared Hessian is accumulated and factored once.
+
 ``norm`` is accepted for the common interface and changes nothing for single weights.
 """
 
@@ -39,10 +43,17 @@ _DAMP_RETRIES = 4  # dampening grows tenfold per retry when H + damp*I is not po
 
 @dataclass
 class Hessian:
-    """Running average of 2 x x^T over tokens, (in, in) float32 on the weight's device."""
+    """Running average of 2 x x^T over tokens, (in, in) float32 on the weight's device.
 
-    h: torch.Tensor
+    After the first ``prune``, ``h`` is None and ``factor`` (the upper factor of the damped
+    inverse), ``dead`` (inputs with H_ii = 0) and the ``percdamp`` used hold what pruning needs.
+    """
+
+    h: torch.Tensor | None
     tokens: int = 0
+    factor: torch.Tensor | None = None
+    dead: torch.Tensor | None = None
+    percdamp: float | None = None
 
 
 def init_stats(weight: torch.Tensor) -> Hessian:
@@ -59,6 +70,8 @@ def stats_bytes(out_features: int, in_features: int) -> int:
 def accumulate(stats: Hessian, x: torch.Tensor) -> None:
     """Fold a batch of layer inputs ``x`` (tokens, in) into H; leading batch dims are flattened."""
     x = x.reshape(-1, x.shape[-1])
+    if stats.h is None:
+        raise LlmpruneError("sparsegpt: statistics already used for pruning cannot take more activations")
     if x.shape[1] != stats.h.shape[0]:
         raise LlmpruneError(f"sparsegpt: activations have {x.shape[1]} features, the layer takes {stats.h.shape[0]}")
     if x.shape[0] == 0:
@@ -75,11 +88,13 @@ def inverse_hessian_factor(h: torch.Tensor, percdamp: float) -> torch.Tensor:
     """Upper Cholesky factor U of (H + damp I)^-1 (so U^T U = H^-1), damp = percdamp * mean(diag H).
 
     When H is not numerically positive definite the dampening grows tenfold, a few times.
+    Working memory: two n x n matrices besides ``h`` (3.3 GB each for a 70B down_proj).
     """
     if not torch.isfinite(h).all():
         raise LlmpruneError("sparsegpt: the Hessian has non-finite entries (inf or NaN calibration activations)")
     mean_diag = h.diagonal().mean()
     fracs = [percdamp] + [max(percdamp, 1e-3) * 10**i for i in range(1, _DAMP_RETRIES + 1)]
+    info = torch.empty((), dtype=torch.int32, device=h.device)
     for attempt, frac in enumerate(fracs):
         if attempt:
             log.warning("sparsegpt: Hessian not positive definite with dampening %.3g; retrying with %.3g",
@@ -87,14 +102,37 @@ def inverse_hessian_factor(h: torch.Tensor, percdamp: float) -> torch.Tensor:
         # With J the reversal permutation and J H J = L L^T, U = J L^-1 J is upper triangular and
         # U^T U = J L^-T L^-1 J = H^-1: one Cholesky and one triangular solve, H^-1 never formed
         # (1.6x faster than factoring H, inverting, and factoring H^-1 again; and more accurate).
-        damped = h.flip(0, 1)  # a copy
-        damped.diagonal().add_(frac * mean_diag)
-        lower, info = torch.linalg.cholesky_ex(damped)
-        del damped  # n x n floats: 3.3 GB for a 70B down_proj
+        # Factored in place in column-major order: no LAPACK copy, and the out-of-place rounding.
+        lower = torch.empty_like(h).mT
+        lower.copy_(h.flip(0, 1))
+        lower.diagonal().add_(frac * mean_diag)
+        torch.linalg.cholesky_ex(lower, out=(lower, info))
         if info == 0:
-            eye = torch.eye(len(h), device=h.device, dtype=h.dtype)
-            return torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
+            # L^-1, solved in place into a column-major identity (the layout, and so the rounding,
+            # of the out-of-place solve).
+            inv = torch.eye(len(h), device=h.device, dtype=h.dtype).mT
+            torch.linalg.solve_triangular(lower, inv, upper=False, out=inv)
+            del lower
+            return inv.flip(0, 1)
+        del lower
     raise LlmpruneError(f"sparsegpt: Hessian not positive definite even with dampening {fracs[-1]:.3g}")
+
+
+def factorize(stats: Hessian, percdamp: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factor of the damped H^-1 and the dead inputs, computed once per statistics object.
+
+    H is dropped once factored: statistics shared by several matrices cost one factorisation and,
+    from then on, one n x n matrix instead of two.
+    """
+    if stats.factor is None:
+        h = stats.h.to(device)
+        dead = h.diagonal() == 0  # inputs that were always zero: no information, weight irrelevant
+        h.diagonal()[dead] = 1
+        stats.h = None
+        stats.factor, stats.dead, stats.percdamp = inverse_hessian_factor(h, percdamp), dead, percdamp
+    elif stats.percdamp != percdamp:
+        raise LlmpruneError(f"sparsegpt: statistics factored with dampening {stats.percdamp}, asked for {percdamp}")
+    return stats.factor.to(device), stats.dead.to(device)
 
 
 def _prune_block(w: torch.Tensor, hinv: torch.Tensor, pruned: torch.Tensor, c0: int, c1: int,
@@ -154,8 +192,9 @@ def prune(weight: torch.Tensor, sparsity: float, pattern: Pattern, stats: Hessia
     rows, cols = weight.shape
     if stats is None or stats.tokens == 0:
         raise LlmpruneError("sparsegpt needs calibration activations, but none reached this layer")
-    if stats.h.shape[0] != cols:
-        raise LlmpruneError(f"sparsegpt: statistics for {stats.h.shape[0]} inputs, the weight has {cols}")
+    inputs = (stats.h if stats.factor is None else stats.factor).shape[0]
+    if inputs != cols:
+        raise LlmpruneError(f"sparsegpt: statistics for {inputs} inputs, the weight has {cols}")
     if pattern.kind == "nm":
         if cols % pattern.m:
             raise LlmpruneError(f"input dimension {cols} is not a multiple of M={pattern.m} for N:M pruning")
@@ -164,12 +203,9 @@ def prune(weight: torch.Tensor, sparsity: float, pattern: Pattern, stats: Hessia
     if sparsity == 0:
         return weight.clone(), torch.ones_like(weight, dtype=torch.bool)
 
-    h = stats.h.to(weight.device, copy=True)
+    hinv, dead = factorize(stats, percdamp, weight.device)
     w = weight.to(torch.float32, copy=True)
-    dead = h.diagonal() == 0  # inputs that were always zero: no information, weight irrelevant
-    h.diagonal()[dead] = 1
     w[:, dead] = 0
-    hinv = inverse_hessian_factor(h, percdamp)
 
     pruned = torch.zeros(rows, cols, dtype=torch.bool, device=weight.device)
     for c0 in range(0, cols, blocksize):
