@@ -333,14 +333,7 @@ class ShardWriter:
     def digest(self, name: str) -> str:
         """SHA-256 of a tensor's bytes as they are in its shard now."""
         index, offset, spec = self.place[name]
-        h, done = hashlib.sha256(), 0
-        while done < spec.nbytes:
-            chunk = os.pread(self.fds[index], min(1 << 24, spec.nbytes - done), offset + done)
-            if not chunk:
-                break
-            h.update(chunk)
-            done += len(chunk)
-        return h.hexdigest()
+        return _digest(self.fds[index], offset, spec.nbytes)
 
     def mark_written(self, names) -> None:
         """Tensors an interrupted run already wrote (and a journal vouches for)."""
@@ -411,9 +404,13 @@ class AppendShardWriter:
     and offset at its widest; tensors are appended as they come, and ``close`` writes the real
     header into that room padded with spaces, which the safetensors format allows. Memory stays
     O(one tensor) and each byte is written once.
+
+    ``state()`` is what an interrupted run needs to continue (each shard's entries and end); with
+    ``resume`` set to it the shards are reopened, and whatever was appended after that state is
+    overwritten and cut off at ``close``.
     """
 
-    def __init__(self, folder: Path, planned: list[Planned], max_shard_bytes: int):
+    def __init__(self, folder: Path, planned: list[Planned], max_shard_bytes: int, resume: dict | None = None):
         self.folder = folder
         groups = _group(planned, [p.estimate for p in planned], max_shard_bytes)
         self.files = _shard_files(len(groups))
@@ -429,27 +426,59 @@ class AppendShardWriter:
             raw = _header_bytes(widest)
             self.reserved.append(len(raw) + (-len(raw) % 8))  # data starts 8-byte aligned
             self.cursor.append(0)
-            self.fds.append(os.open(folder / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+        if resume is not None:
+            if len(resume.get("cursor", ())) != len(groups):
+                raise LlmpruneError(f"{folder} does not match the planned output: cannot resume into it")
+            self.entries, self.cursor = [dict(e) for e in resume["entries"]], list(resume["cursor"])
+        for i, file in enumerate(self.files):
+            path = folder / file
+            if resume is None:
+                self.fds.append(os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644))
+                continue
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except FileNotFoundError:
+                raise LlmpruneError(f"{path} is missing: cannot resume into it") from None
+            self.fds.append(fd)
+            if self.cursor[i] and os.fstat(fd).st_size < 8 + self.reserved[i] + self.cursor[i]:
+                raise LlmpruneError(f"{path} is shorter than its journal says: cannot resume into it")
+
+    def state(self) -> dict:
+        return {"entries": self.entries, "cursor": self.cursor}
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         plan, i = self.planned[name], self.shard_of[name]
         if tensor.dtype != plan.dtype or tensor.dim() != plan.ndim or name in self.entries[i]:
             raise ValueError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, planned {plan}")
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        data = memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
         start = self.cursor[i]
-        _write_all(self.fds[i], memoryview(data), 8 + self.reserved[i] + start)
-        self.cursor[i] = start + data.nbytes
+        if fault_point(f"tensor:{name}", kill=False):  # a crash in the middle of this tensor
+            _write_all(self.fds[i], data[: len(data) // 2], 8 + self.reserved[i] + start)
+            fault_point(f"tensor:{name}")
+        _write_all(self.fds[i], data, 8 + self.reserved[i] + start)
+        self.cursor[i] = start + len(data)
         self.entries[i][name] = {"dtype": DTYPE_NAMES[plan.dtype], "shape": list(tensor.shape),
-                                 "data_offsets": [start, start + data.nbytes]}
+                                 "data_offsets": [start, start + len(data)]}
+
+    def digest(self, name: str) -> str:
+        """SHA-256 of a written tensor's bytes as they are in its shard now."""
+        i = self.shard_of[name]
+        begin, end = self.entries[i][name]["data_offsets"]
+        return _digest(self.fds[i], 8 + self.reserved[i] + begin, end - begin)
+
+    def flush(self) -> None:
+        for fd in self.fds:
+            os.fsync(fd)
 
     def close(self) -> None:
         written = sum(len(e) for e in self.entries)
         if written != len(self.planned):
             missing = sorted(set(self.planned) - {n for e in self.entries for n in e})
             raise RuntimeError(f"{len(missing)} planned tensors never written, e.g. {missing[0]}")
-        for fd, entries, reserved in zip(self.fds, self.entries, self.reserved):
+        for fd, entries, reserved, cursor in zip(self.fds, self.entries, self.reserved, self.cursor):
             raw = _header_bytes(entries).ljust(reserved)  # never longer than the widest header
             _write_all(fd, len(raw).to_bytes(8, "little") + raw, 0)
+            os.ftruncate(fd, 8 + reserved + cursor)  # a resumed run may have left bytes past the end
             os.fsync(fd)
             os.close(fd)
         self.fds = []
@@ -459,6 +488,18 @@ class AppendShardWriter:
         for fd in self.fds:
             os.close(fd)
         self.fds = []
+
+
+def _digest(fd: int, offset: int, size: int) -> str:
+    """SHA-256 of ``size`` bytes of ``fd`` from ``offset`` (fewer if the file ends first)."""
+    h, done = hashlib.sha256(), 0
+    while done < size:
+        chunk = os.pread(fd, min(1 << 24, size - done), offset + done)
+        if not chunk:
+            break
+        h.update(chunk)
+        done += len(chunk)
+    return h.hexdigest()
 
 
 def _header_bytes(entries: dict[str, dict]) -> bytes:
@@ -472,7 +513,8 @@ class SparseShardWriter:
     ``compress`` maps each matrix to its expected sparsity, which only sizes the shards.
     """
 
-    def __init__(self, folder: Path, specs: list[TensorSpec], compress: dict[str, float], max_shard_bytes: int):
+    def __init__(self, folder: Path, specs: list[TensorSpec], compress: dict[str, float], max_shard_bytes: int,
+                 resume: dict | None = None):
         planned = []
         for spec in specs:
             if spec.name not in compress:
@@ -487,8 +529,23 @@ class SparseShardWriter:
                         Planned(names["values"], spec.dtype, 1, kept * spec.dtype.itemsize),
                         Planned(names["shape"], torch.int64, 1, 16)]
         self.compress = set(compress)
-        self.out = AppendShardWriter(folder, planned, max_shard_bytes)
+        self.out = AppendShardWriter(folder, planned, max_shard_bytes, resume)
         self.files = self.out.files
+
+    def state(self) -> dict:
+        return self.out.state()
+
+    def digest(self, name: str) -> str:
+        """SHA-256 of a tensor as stored: of its parts' digests when it is compressed."""
+        if name not in self.compress:
+            return self.out.digest(name)
+        return hashlib.sha256("".join(self.out.digest(p) for p in sparse.part_names(name).values()).encode()).hexdigest()
+
+    def mark_written(self, names) -> None:
+        """Nothing to do: the resumed state lists what was written."""
+
+    def flush(self) -> None:
+        self.out.flush()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if name not in self.compress:

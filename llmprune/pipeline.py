@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import transformers
@@ -217,12 +217,15 @@ def copy_aux_files(src: Path, dst: Path, dtype: torch.dtype | None, compressed: 
         GenerationConfig.from_model_config(load_config(str(src))).save_pretrained(dst)
 
 
-def make_writer(folder: Path, specs: list[TensorSpec], compressed: dict[str, float],
-                max_shard_size: str) -> ShardWriter | SparseShardWriter:
-    """A dense writer, or a sparse-bitmask one when there are ``compressed`` matrices (name -> sparsity)."""
+def make_writer(folder: Path, specs: list[TensorSpec], compressed: dict[str, float], max_shard_size: str,
+                resume: dict | None = None) -> ShardWriter | SparseShardWriter:
+    """A dense writer, or a sparse-bitmask one when there are ``compressed`` matrices (name -> sparsity).
+
+    ``resume``: the journalled writer state of an interrupted run ({} for a dense writer).
+    """
     if compressed:
-        return SparseShardWriter(folder, specs, compressed, parse_size(max_shard_size))
-    return ShardWriter(folder, specs, parse_size(max_shard_size))
+        return SparseShardWriter(folder, specs, compressed, parse_size(max_shard_size), resume)
+    return ShardWriter(folder, specs, parse_size(max_shard_size), resume=resume is not None)
 
 
 def save_summary(folder: Path, save_format: str, specs: list[TensorSpec]) -> dict:
@@ -382,34 +385,31 @@ def make_step(cfg: PruneConfig, source: Source, device: torch.device, store: tor
 
 def stream_into(tmp: Path, cfg: PruneConfig, source: Source, step, acts: Activations | None,
                 journal: resume.Journal, device: torch.device, progress: bool, specs: list[TensorSpec],
-                compressed: dict[str, float], resumable: bool = True) -> None:
+                compressed: dict[str, float], output_name: Callable[[TensorSpec], str | None] | None = None) -> None:
     """Write the pruned shards into ``tmp``, continuing after the journal's last completed layer.
 
-    Only dense outputs of unchanged shapes are journalled layer by layer: a compressed writer learns
-    its sizes as tensors arrive and a structured run renames and reshapes, so those start afresh.
+    ``output_name`` maps an input tensor to its output name, or None when a structured step drops
+    it (default: the same name).
     """
     outside, per_layer = group_names(source.checkpoint, source.layout)
-    if not resumable:
-        writer = make_writer(tmp, specs, compressed, cfg.max_shard_size)
-        try:
-            run(source.checkpoint, source.layout, step, writer, device, cfg.torch_dtype, desc="prune",
-                progress=progress)
-            writer.close()
-        finally:
-            writer.abort()
-        fault_point("finalize")
-        return
+
+    def written(names: list[str]) -> list[str]:
+        if output_name is None:
+            return names
+        return [out for n in names if (out := output_name(source.checkpoint.spec(n))) is not None]
+
+    outside_out, per_layer_out = written(outside), [written(names) for names in per_layer]
     done = journal.layers_done
-    writer = ShardWriter(tmp, specs, parse_size(cfg.max_shard_size), resume=done > 0)
+    writer = make_writer(tmp, specs, compressed, cfg.max_shard_size, (journal.writer or {}) if done else None)
     try:
         if done:
-            journal.verify(writer, per_layer[done - 1])
-            writer.mark_written(outside + [n for names in per_layer[:done] for n in names])
-            step.zeros.update(journal.zeros)
+            journal.verify(writer, next((names for names in reversed(per_layer_out[:done]) if names), outside_out))
+            writer.mark_written(outside_out + [n for names in per_layer_out[:done] for n in names])
+            journal.restore(step)
             if acts is not None:
                 acts.load(journal.state_dir / journal.acts)
         run(source.checkpoint, source.layout, step, writer, device, cfg.torch_dtype, desc="prune", progress=progress,
-            start=done, on_layer=journal.on_layer(writer, per_layer, outside, step, acts))
+            start=done, on_layer=journal.on_layer(writer, per_layer, outside_out, step, acts, per_layer_out))
         writer.close()
     finally:
         writer.abort()
@@ -444,7 +444,13 @@ def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True,
                               "dense": journal.pre["eval_dense"]}
         shrink, acts = None, None
         if cfg.parsed_pattern.structured:
-            step = shrink = structured.plan(cfg, source, device, recipe, progress)
+            before = journal.pre.get("influence")  # a resumed layers run keeps its block influence
+            if before is not None:
+                recipe["calibration"] = before["calibration"]
+            step = shrink = structured.plan(cfg, source, device, recipe, progress, before and before["scores"])
+            if shrink.influence is not None and before is None:
+                journal.remember("influence", {"scores": shrink.influence, "calibration": recipe["calibration"]})
+            acts = shrink.acts
         else:
             step, acts = make_step(cfg, source, device, store, targets, journal, recipe, progress, calib_ids)
         if shrink is None:
@@ -456,7 +462,7 @@ def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True,
             specs_in, specs = specs, shrink.specs(specs)
         compressed = {n: t for n, t in targets.items() if t > 0} if cfg.save_format == sparse.FORMAT else {}
         stream_into(tmp, cfg, source, step, acts, journal, device, progress, specs, compressed,
-                    resumable=shrink is None and not compressed)
+                    output_name=shrink and shrink.output_name)
         journal.finish()
         copy_aux_files(source.folder, tmp, cfg.torch_dtype, list(compressed))
         if shrink is not None:

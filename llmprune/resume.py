@@ -6,11 +6,14 @@ tensors are written and fsync'd, the journal (``.resume/journal.json``, replaced
 records the layer, the SHA-256 of every tensor written so far, the zero counts, and a saved copy
 of the calibration activations leaving that layer. Rerunning the same command finds the folder,
 checks the last layer's tensors against their hashes, and continues with the next layer; the
-shards are reopened in place (their layout is planned, so every offset is known).
+shards are reopened in place (their layout is planned, so every offset is known). A structured run
+also journals the units each layer removed (and the block influence, for layers), and a run that
+writes a compressed format the appending writer's state (each shard's entries and end).
 """
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import hashlib
 import json
@@ -21,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import ShardWriter, fault_point
+from .checkpoint import ShardWriter, SparseShardWriter, fault_point
 from .errors import LlmpruneError
 
 log = logging.getLogger(__name__)
@@ -71,6 +74,8 @@ class Journal:
     zeros: dict[str, int] = field(default_factory=dict)
     acts: str | None = None  # folder (in .resume) of the activations leaving the last completed layer
     pre: dict = field(default_factory=dict)  # results computed before the stream (OWL ratios, dense eval)
+    steps: dict = field(default_factory=dict)  # str(layer) -> what the step decided there (structured units)
+    writer: dict | None = None  # the state of a writer that appends (compressed output) after the last layer
     _lock: int | None = field(default=None, repr=False)
 
     @property
@@ -79,7 +84,8 @@ class Journal:
 
     def save(self) -> None:
         data = {"key": self.key, "layers_done": self.layers_done, "digests": self.digests, "zeros": self.zeros,
-                "acts": self.acts, "pre": self.pre}
+                "acts": self.acts, "pre": self.pre, "steps": self.steps,
+                "writer": self.writer}
         _atomic_write(self.state_dir / "journal.json", json.dumps(data))
 
     def remember(self, name: str, value) -> None:
@@ -103,26 +109,43 @@ class Journal:
             os.close(self._lock)
             self._lock = None
 
-    def verify(self, writer: ShardWriter, layer_names: list[str]) -> None:
+    def verify(self, writer: ShardWriter | SparseShardWriter, layer_names: list[str]) -> None:
         """The last completed layer's tensors must still be what the journal recorded."""
         for name in layer_names:
             if writer.digest(name) != self.digests.get(name):
                 raise LlmpruneError(f"the interrupted run in {self.folder} is damaged ({name} differs from its "
                                     "journal): remove that folder to start again")
 
-    def on_layer(self, writer: ShardWriter, names: list[list[str]], outside: list[str], step, acts) -> Callable:
-        """The engine hook: after layer i is written, flush, hash, save activations, commit."""
+    def restore(self, step) -> None:
+        """Give a resumed run's step what it decided in the completed layers."""
+        step.zeros.update(self.zeros)
+        for index, state in self.steps.items():
+            step.restore_layer_state(int(index), state)
+
+    def on_layer(self, writer: ShardWriter | SparseShardWriter, names: list[list[str]], outside: list[str], step, acts,
+                 written: list[list[str]] | None = None) -> Callable:
+        """The engine hook: after layer i is written, flush, hash, save activations, commit.
+
+        ``names``: each layer's input tensors (the step's zero counts are keyed by them);
+        ``written``: the output tensors each layer writes, when a structured step renames or drops them.
+        """
+        written = names if written is None else written
 
         def capture(index: int) -> Callable[[], None]:
             snapshot = acts.snapshot() if acts is not None else None
             zeros = {n: step.zeros[n] for n in names[index] if n in step.zeros}
+            state = step.layer_state(index) if hasattr(step, "layer_state") else None
 
             def commit() -> None:
                 fault_point(f"layer-{index}-written")
                 writer.flush()
-                done = names[index] + (outside if index == 0 else [])
+                done = written[index] + (outside if index == 0 else [])
                 self.digests.update({n: writer.digest(n) for n in done})
                 self.zeros.update(zeros)
+                if state is not None:
+                    self.steps[str(index)] = state
+                if hasattr(writer, "state"):
+                    self.writer = copy.deepcopy(writer.state())
                 old, self.acts = self.acts, None
                 if snapshot is not None:
                     self.acts = f"acts-{index}"
@@ -152,7 +175,7 @@ def open_partial(output: Path, key: str, require: bool) -> Journal:
             data = None
         if data is not None and data.get("key") == key:
             journal = Journal(folder, key, data["layers_done"], data["digests"], data["zeros"], data["acts"],
-                              data["pre"])
+                              data["pre"], data.get("steps", {}), data.get("writer"))
             journal.lock()
             log.info("resuming the interrupted run in %s after %d completed layers", folder, journal.layers_done)
             return journal

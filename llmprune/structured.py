@@ -105,6 +105,13 @@ class UnitStep:
     removed: dict[int, list[int]] = field(default_factory=dict)
     zeros: dict[str, int] = field(default_factory=dict)  # elements removed per prunable matrix
 
+    def layer_state(self, index: int) -> list[int]:
+        """What a resumed run needs of layer ``index``: the units removed there."""
+        return self.removed[index]
+
+    def restore_layer_state(self, index: int, removed: list[int]) -> None:
+        self.removed[index] = removed
+
     def names(self, index: int) -> dict[str, str]:
         prefix = self.layout.layer_prefix(index)
         return {o.name: self.layout.checkpoint_name(prefix + o.name) for o in self.units[index].tensors}
@@ -213,6 +220,21 @@ class Shrink:
     def zeros(self) -> dict[str, int]:
         return self.step.zeros
 
+    @property
+    def acts(self) -> Activations | None:
+        """The calibration states the step propagates (wanda units), for the resume journal."""
+        return getattr(self.step, "acts", None)
+
+    def layer_state(self, index: int) -> list[int] | None:
+        return self.step.layer_state(index) if isinstance(self.step, UnitStep) else None
+
+    def restore_layer_state(self, index: int, state: list[int]) -> None:
+        self.step.restore_layer_state(index, state)
+
+    def output_name(self, spec: TensorSpec) -> str | None:
+        out = self.spec(spec)
+        return None if out is None else out.name
+
     def spec(self, spec: TensorSpec) -> TensorSpec | None:
         """The output spec of an input tensor: reduced, renumbered, or None when it is dropped."""
         index = self.layout.layer_of(spec.name)
@@ -269,13 +291,15 @@ def check_options(cfg: PruneConfig) -> None:
                                 "size for all layers, so the ratio is uniform")
 
 
-def plan(cfg: PruneConfig, source: Source, device: torch.device, recipe: dict, progress: bool = True) -> Shrink:
+def plan(cfg: PruneConfig, source: Source, device: torch.device, recipe: dict, progress: bool = True,
+         influence: list[float] | None = None) -> Shrink:
     """Everything fixed before writing: units, counts, the output config (checked against
-    transformers), and for layers the block influence pass."""
+    transformers), and for layers the block influence pass (unless a resumed run passes its
+    ``influence`` scores)."""
     layout, kind = source.layout, cfg.parsed_pattern.kind
     text = layout.config.get_text_config()
     if kind == "layers":
-        return _plan_layers(cfg, source, device, recipe, progress)
+        return _plan_layers(cfg, source, device, recipe, progress, influence)
     units = [units_of(layout, i, kind) for i in range(layout.num_layers)]
     if len({(u.blocks, u.per_block) for u in units}) != 1:
         raise LlmpruneError(f"--pattern {kind}: decoder layers differ in their number of units")
@@ -306,13 +330,16 @@ def _calibrated_activations(cfg: PruneConfig, source: Source, device: torch.devi
     return Activations(outer, ids, calibration_batch(device, ids.shape[1]), store)
 
 
-def _plan_layers(cfg: PruneConfig, source: Source, device: torch.device, recipe: dict, progress: bool) -> Shrink:
+def _plan_layers(cfg: PruneConfig, source: Source, device: torch.device, recipe: dict, progress: bool,
+                 influence: list[float] | None) -> Shrink:
     layout = source.layout
     remove = removal_count("layers", layout.num_layers, cfg.sparsity)
-    influence = InfluenceStep(_calibrated_activations(cfg, source, device, recipe))
-    for layer in stream_layers(source.checkpoint, layout, device, desc="block influence", progress=progress):
-        influence(layer)
-    scores = torch.tensor(influence.scores, dtype=torch.float64)
+    if influence is None:
+        step = InfluenceStep(_calibrated_activations(cfg, source, device, recipe))
+        for layer in stream_layers(source.checkpoint, layout, device, desc="block influence", progress=progress):
+            step(layer)
+        influence = step.scores
+    scores = torch.tensor(influence, dtype=torch.float64)
     dropped = set(torch.nonzero(~masks.units(scores[None], remove)[0]).squeeze(1).tolist())
     values = without_layers(layout, dropped)
     kept = [i for i in range(layout.num_layers) if i not in dropped]
@@ -322,4 +349,4 @@ def _plan_layers(cfg: PruneConfig, source: Source, device: torch.device, recipe:
     before = {k: getattr(text, k, None) for k in values}
     log.info("layers: removing %s of %d (lowest block influence)", sorted(dropped), layout.num_layers)
     return Shrink(layout, "layers", cfg.sparsity, LayerDropStep(layout, dropped), values, before,
-                  "block influence (1 - mean cosine of hidden states in and out)", influence.scores)
+                  "block influence (1 - mean cosine of hidden states in and out)", influence)

@@ -89,3 +89,45 @@ def test_resume_needs_the_same_options_and_an_intact_journal(tiny_models, tmp_pa
     out.rename(whole)
     assert run_cli(*args) == 0
     assert tree_hash(out, RECIPE) == tree_hash(whole, RECIPE)
+
+
+@pytest.mark.parametrize("fault,resumed", [
+    ("tensor:model.layers.1.self_attn.o_proj.weight_bitmask", 1),  # half a compressed part appended
+    ("layer-2-written", 2),  # appended past the journalled end: overwritten, then cut off
+])
+def test_killed_compressed_run_resumes_bit_identical(tiny_with_tokenizer, tmp_path, fault, resumed):
+    out, whole = tmp_path / "out", tmp_path / "whole"
+    args = [tiny_with_tokenizer, "--sparsity", "0.5", "--save-format", "sparse-bitmask", "-o", out, "-q",
+            "--max-shard-size", "100KB"]
+    assert run_cli(*args) == 0
+    out.rename(whole)
+    kill_at(fault, args)
+    [partial] = partials(tmp_path)
+    assert json.loads((partial / ".resume" / "journal.json").read_text())["writer"]["cursor"]
+    assert run_cli(*args) == 0
+    assert tree_hash(out, RECIPE) == tree_hash(whole, RECIPE)
+    assert not partials(tmp_path)
+    assert json.loads((out / "llmprune.json").read_text()).get("resumed_after_layers", 0) == resumed
+
+
+@pytest.mark.parametrize("pattern,method,fault,resumed", [
+    ("channels", "magnitude", "layer-1-committed", 2),
+    ("heads", "wanda", "tensor:model.layers.2.self_attn.q_proj.weight", 2),  # states saved after layer 1
+    ("layers", "magnitude", "layer-2-written", 2),  # layer 1 or 2 dropped: renumbered names in the journal
+])
+def test_killed_structured_run_resumes_bit_identical(tiny_with_tokenizer, calib_text, tmp_path, pattern, method,
+                                                     fault, resumed):
+    out, whole = tmp_path / "out", tmp_path / "whole"
+    args = [tiny_with_tokenizer, "--pattern", pattern, "--sparsity", "0.5" if pattern != "layers" else "0.25",
+            "--method", method, "-o", out, "-q", "--max-shard-size", "100KB",
+            "--calib-data", calib_text, "--nsamples", "3", "--seqlen", "32"]
+    assert run_cli(*args) == 0
+    out.rename(whole)
+    kill_at(fault, args)
+    assert not out.exists() and len(partials(tmp_path)) == 1
+    assert run_cli(*args) == 0
+    assert tree_hash(out, RECIPE) == tree_hash(whole, RECIPE)
+    assert not partials(tmp_path)
+    recipe, reference = (json.loads((f / "llmprune.json").read_text()) for f in (out, whole))
+    assert recipe.get("resumed_after_layers", 0) == resumed
+    assert recipe["structured"] == reference["structured"] and recipe["sparsity"] == reference["sparsity"]
