@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as data_sources
-from .checkpoint import ShardWriter, parse_size
+from .checkpoint import ShardWriter, fault_point, parse_size
 from .config import FinetuneConfig, resolve_device
 from .errors import LlmpruneError
 from .evaluate import check_windows, evaluate, load_tokenizer, load_windows
@@ -546,6 +546,7 @@ class BlockwiseStep:
                             "last_loss": losses[-1] if losses else None, "seconds": round(time.perf_counter() - start, 2),
                             "cpu_seconds": round(time.process_time() - cpu, 2)})
         log.info("layer %d: mse %.4g -> %.4g", layer.index, before, after)
+        fault_point(f"finetune-layer-{layer.index}")
         return out
 
     @torch.no_grad()

@@ -463,7 +463,6 @@ def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True,
         compressed = {n: t for n, t in targets.items() if t > 0} if cfg.save_format == sparse.FORMAT else {}
         stream_into(tmp, cfg, source, step, acts, journal, device, progress, specs, compressed,
                     output_name=shrink and shrink.output_name)
-        journal.finish()
         copy_aux_files(source.folder, tmp, cfg.torch_dtype, list(compressed))
         if shrink is not None:
             shrink.write_config(tmp)
@@ -490,10 +489,14 @@ def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True,
         recipe["plots"] = sparsity_chart(recipe, tmp)
         (tmp / "llmprune.json").write_text(json.dumps(recipe, indent=2) + "\n")
         if cfg.finetune is not None and cfg.finetune.steps > 0:
+            # The journal stays until here: a run killed while fine-tuning resumes after its last
+            # pruned layer and fine-tunes again (the fine-tune itself starts over).
+            fault_point("finetune")
             recipe = finetune_pruned(cfg, tmp, output, source, command, progress)
             (tmp / "llmprune.json").write_text(json.dumps(recipe, indent=2) + "\n")
         base = base_model_id(cfg.model, source)
         (tmp / "README.md").write_text(hub.model_card(recipe, base, hub.input_card_metadata(source.folder)))
+        journal.finish()
         replace_folder(tmp, output)
     except KeyboardInterrupt:
         keep = True
@@ -521,6 +524,10 @@ def finetune_pruned(cfg: PruneConfig, tmp: Path, output: Path, source: Source, c
 
     from .finetune import finetune
 
+    # This run holds the journal's lock on ``tmp``: fine-tune folders beside it are a killed run's.
+    for stale in tmp.parent.glob(f".{tmp.name}.*"):
+        log.info("removing %s, left by an interrupted fine-tune", stale)
+        shutil.rmtree(stale, ignore_errors=True)
     ft = replace(cfg.finetune, model=str(tmp), output=str(tmp), overwrite=True, device=cfg.device, dtype=cfg.dtype,
                  max_shard_size=cfg.max_shard_size, data=cfg.finetune.data or cfg.calib_data,
                  dense=cfg.finetune.dense or str(source.folder), eval=cfg.eval, eval_seqlen=cfg.eval_seqlen,

@@ -16,6 +16,7 @@ measured on.
     python scripts/bench_quality.py                               # everything missing, peer included
     python scripts/bench_quality.py --rerun "sparsegpt 2:4"       # both tools' run of that row again
     python scripts/bench_quality.py --no-peer                     # llmprune's rows only
+    python scripts/bench_quality.py --seed 1 --only "wanda 2:4"   # another calibration draw, one row
     (the peer needs `bash scripts/peer_env.sh` first)
 """
 
@@ -38,8 +39,15 @@ from llmprune.packaged import smollm2_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 CALIB = dict(nsamples=64, seqlen=512, seed=0)
-CALIB_FLAGS = ["--calib-data", "sotu", "--nsamples", str(CALIB["nsamples"]), "--seqlen", str(CALIB["seqlen"]),
-               "--seed", str(CALIB["seed"])]  # llmprune's flags for that calibration set
+
+
+def calib_flags(seed: int = CALIB["seed"]) -> list[str]:
+    """llmprune's flags for the protocol's calibration set (drawn with ``seed``)."""
+    return ["--calib-data", "sotu", "--nsamples", str(CALIB["nsamples"]), "--seqlen", str(CALIB["seqlen"]),
+            "--seed", str(seed)]
+
+
+CALIB_FLAGS = calib_flags()
 EVAL_SEQLEN = 1024
 ROWS = [  # (label, tool, method, pattern, sparsity, extra flags), in running order
     ("magnitude 50%", "llmprune", "magnitude", "unstructured", 0.5, []),
@@ -62,13 +70,13 @@ def folder_name(label: str, tool: str) -> str:
 
 
 def prune_command(label: str, tool: str, method: str, pattern: str, sparsity: float | None, extra: list[str],
-                  out: Path, calib: Path, model: Path) -> list[str]:
+                  out: Path, calib: Path, model: Path, seed: int = CALIB["seed"]) -> list[str]:
     if tool == "llmcompressor":
         return [str(ROOT / ".venv-peer" / "bin" / "python"), str(ROOT / "scripts" / "peer_llmcompressor.py"),
                 "--model", str(model), "--method", method, "--pattern", pattern, "--sparsity", "0.5",
                 "--calib", str(calib), "--output", str(out)]
     cmd = [sys.executable, "-m", "llmprune.cli", "packaged:smollm2", "--method", method, "--pattern", pattern,
-           *CALIB_FLAGS, "-o", str(out), "--overwrite", "-q", *extra]
+           *calib_flags(seed), "-o", str(out), "--overwrite", "-q", *extra]
     return cmd + (["--sparsity", str(sparsity)] if sparsity is not None else [])
 
 
@@ -111,8 +119,16 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--rerun", default="", help="labels to prune again, comma-separated (both tools)")
     ap.add_argument("--no-peer", action="store_true", help="skip llm-compressor's rows")
-    ap.add_argument("--json", default=str(ROOT / "eval" / "quality.json"))
+    ap.add_argument("--json", default=None, help="default eval/quality.json (seed 0), else none")
+    ap.add_argument("--seed", type=int, default=CALIB["seed"],
+                    help="calibration draw (default 0, the protocol's); other seeds measure the spread")
+    ap.add_argument("--only", default="", help="labels to run, comma-separated (default: every row)")
     args = ap.parse_args()
+    if args.seed != CALIB["seed"] and args.work == ap.get_default("work"):
+        args.work += f"-seed{args.seed}"
+    if args.json is None and args.seed == CALIB["seed"] and not args.only:
+        args.json = str(ROOT / "eval" / "quality.json")
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     rerun = {s.strip() for s in args.rerun.split(",") if s.strip()}
@@ -120,12 +136,14 @@ def main() -> None:
     calib = work / "calib.pt"
     if not calib.exists():
         tok = AutoTokenizer.from_pretrained(model)
-        torch.save(data.calibration_samples(tok, "sotu", CALIB["nsamples"], CALIB["seqlen"], CALIB["seed"]), calib)
+        torch.save(data.calibration_samples(tok, "sotu", CALIB["nsamples"], CALIB["seqlen"], args.seed), calib)
 
     rows = [{"label": "dense", "tool": "-", "perplexity": perplexity(model, args.eval_windows)}]
     print(json.dumps(rows[-1]), flush=True)
     timed_now: dict[tuple[str, str], float] = {}
     for label, tool, method, pattern, sparsity, extra in ROWS:
+        if only and label not in only:
+            continue
         if tool == "llmcompressor" and (args.no_peer or not (ROOT / ".venv-peer" / "bin" / "python").exists()):
             continue
         out = work / folder_name(label, tool)
@@ -133,7 +151,8 @@ def main() -> None:
         if label in rerun or not run_file.exists() or not (out / "config.json").exists():
             for stale in work.glob(f"{out.name}.eval*.json"):
                 stale.unlink()
-            run = timed_run(prune_command(label, tool, method, pattern, sparsity, extra, out, calib, model), out)
+            run = timed_run(prune_command(label, tool, method, pattern, sparsity, extra, out, calib, model, args.seed),
+                            out)
             timed_now[(label, tool)] = run["wall_s"]
         else:
             run = json.loads(run_file.read_text())
@@ -143,8 +162,10 @@ def main() -> None:
                      "perplexity": perplexity(out, args.eval_windows)})
         print(json.dumps(rows[-1]), flush=True)
 
-    Path(args.json).write_text(json.dumps({"eval_windows": args.eval_windows, "eval_seqlen": EVAL_SEQLEN,
-                                           "calibration": CALIB, "rows": rows}, indent=2) + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"eval_windows": args.eval_windows, "eval_seqlen": EVAL_SEQLEN,
+                                               "calibration": {**CALIB, "seed": args.seed}, "rows": rows},
+                                              indent=2) + "\n")
     print(table(rows, args.eval_windows))
     for (label, tool), wall in timed_now.items():
         if tool == "llmprune" and (label, "llmcompressor") in timed_now:

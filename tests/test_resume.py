@@ -131,3 +131,23 @@ def test_killed_structured_run_resumes_bit_identical(tiny_with_tokenizer, calib_
     recipe, reference = (json.loads((f / "llmprune.json").read_text()) for f in (out, whole))
     assert recipe.get("resumed_after_layers", 0) == resumed
     assert recipe["structured"] == reference["structured"] and recipe["sparsity"] == reference["sparsity"]
+
+
+@pytest.mark.parametrize("fault", ["finetune", "finetune-layer-1"])  # before it, and with its folder half written
+def test_run_killed_while_fine_tuning_resumes_after_its_last_pruned_layer(tiny_with_tokenizer, calib_text, tmp_path,
+                                                                          fault):
+    out, whole = tmp_path / "out", tmp_path / "whole"
+    args = prune_args(tiny_with_tokenizer, out, "wanda", calib_text) + [
+        "--finetune-steps", "2", "--finetune-mode", "blockwise", "--finetune-seqlen", "32",
+        "--finetune-batch-size", "2", "--finetune-nsamples", "4", "--finetune-data", calib_text]
+    assert run_cli(*args) == 0
+    out.rename(whole)
+    kill_at(fault, args)
+    partial = next(p for p in partials(tmp_path) if (p / ".resume").is_dir())
+    layers = json.loads((whole / "config.json").read_text())["num_hidden_layers"]
+    assert json.loads((partial / ".resume" / "journal.json").read_text())["layers_done"] == layers
+    assert run_cli(*args) == 0
+    assert tree_hash(out, RECIPE) == tree_hash(whole, RECIPE)
+    assert not partials(tmp_path)
+    recipe = json.loads((out / "llmprune.json").read_text())
+    assert recipe["resumed_after_layers"] == layers and recipe["finetune"]["mask_changes"] == 0
