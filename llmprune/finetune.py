@@ -29,6 +29,7 @@ Two modes:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -45,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as data_sources
+from . import resume
 from .checkpoint import ShardWriter, fault_point, parse_size
 from .config import FinetuneConfig, resolve_device
 from .errors import LlmpruneError
@@ -501,6 +503,13 @@ class BlockwiseStep:
     zeros: dict[str, int] = field(default_factory=dict)
     changed: int = 0
 
+    def layer_state(self, index: int) -> dict:
+        """What a resumed run needs of layer ``index``: its line of the report."""
+        return self.report[-1]
+
+    def restore_layer_state(self, index: int, report: dict) -> None:
+        self.report.append(report)
+
     def __call__(self, layer: Layer) -> dict[str, torch.Tensor]:
         from .stream import Layer
 
@@ -614,24 +623,61 @@ def activations_store(device: torch.device, ids: torch.Tensor, hidden: int, targ
     return device if need < ACTIVATIONS_ON_DEVICE_SHARE * torch.cuda.mem_get_info(device)[0] else torch.device("cpu")
 
 
+@dataclass
+class BlockwiseStates:
+    """The states a resumed block-wise run needs after a layer, for the journal: the sparse model's
+    (the next layer's inputs) and, for dense-model targets, the dense model's."""
+
+    step: BlockwiseStep
+
+    def snapshot(self) -> tuple[list, list]:
+        return self.step.acts.snapshot(), list(self.step.dense_hidden or [])
+
+    @staticmethod
+    def save(snapshot: tuple[list, list], folder: Path) -> None:
+        from .stream import Activations
+
+        sparse, dense = snapshot
+        Activations.save(sparse, folder)
+        if dense:
+            Activations.save(dense, folder / "dense")
+
+    def load(self, folder: Path) -> None:
+        self.step.acts.load(folder)
+        if self.step.dense_hidden is not None:
+            where = self.step.dense_hidden[0].device
+            self.step.dense_hidden = [torch.load(folder / "dense" / f"chunk-{i}.pt", weights_only=True).to(where)
+                                      for i in range(len(self.step.dense_hidden))]
+
+
 def run_blockwise(cfg: FinetuneConfig, source: Source, dense: Source, ids: torch.Tensor, tmp: Path,
-                  out_dtype: torch.dtype, device: torch.device, precision: str, progress: bool) -> BlockwiseStep:
+                  out_dtype: torch.dtype, device: torch.device, precision: str, progress: bool,
+                  journal: resume.Journal) -> BlockwiseStep:
+    """Train and write every layer into ``tmp``, continuing after the journal's last completed layer."""
     from .arch import Outer
-    from .stream import Activations, layers, output_specs, run
+    from .stream import Activations, group_names, layers, output_specs, run
 
     check_same_layout(source, dense)
     outer = Outer(source.layout, source.checkpoint.read, device, torch.float32)
     hidden = source.layout.config.get_text_config().hidden_size
     acts = Activations(outer, ids, cfg.batch_size, activations_store(device, ids, hidden, cfg.targets))
     del outer
-    dense_layers = layers(dense.checkpoint, dense.layout, device, torch.float32, progress=False)
+    done = journal.layers_done
+    dense_layers = layers(dense.checkpoint, dense.layout, device, torch.float32, progress=False, start=done)
     dense_hidden = list(acts.hidden) if cfg.targets == "dense-model" else None  # same embeddings: same start
     step = BlockwiseStep(cfg, acts, dense_layers, precision, dense_hidden)
+    states = BlockwiseStates(step)
+    outside, per_layer = group_names(source.checkpoint, source.layout)
     specs = output_specs(source.checkpoint, source.layout, out_dtype)
-    writer = ShardWriter(tmp, specs, parse_size(cfg.max_shard_size))
+    writer = ShardWriter(tmp, specs, parse_size(cfg.max_shard_size), resume=done > 0)
     try:
+        if done:
+            journal.verify(writer, per_layer[done - 1])
+            writer.mark_written(outside + [n for names in per_layer[:done] for n in names])
+            journal.restore(step)
+            states.load(journal.state_dir / journal.acts)
         run(source.checkpoint, source.layout, step, writer, device, out_dtype, desc="fine-tune (block-wise)",
-            progress=progress)
+            progress=progress, start=done, on_layer=journal.on_layer(writer, per_layer, outside, step, states))
         writer.close()
     finally:
         writer.abort()
@@ -749,7 +795,7 @@ def finetune(cfg: FinetuneConfig, command: str | None = None, progress: bool = T
     instead of sampling ``cfg.data`` with the model's tokenizer. ``cfg.output`` may name the input
     folder itself when ``cfg.overwrite`` is set: it is replaced only once everything is written.
     """
-    from .pipeline import check_output, copy_aux_files, make_temp_dir, open_source, peak_rss_mb, replace_folder
+    from .pipeline import check_output, copy_aux_files, open_source, peak_rss_mb, replace_folder, versions
 
     start = time.perf_counter()
     if cfg.optim == "adamw8bit":
@@ -775,7 +821,12 @@ def finetune(cfg: FinetuneConfig, command: str | None = None, progress: bool = T
     data = training_data(cfg, recipe_in)
     out_dtype = cfg.torch_dtype or stored_dtype(source)
     procs.start(device)
-    tmp = make_temp_dir(output) if procs.main else None
+    journal = None
+    if procs.main:  # the block-wise mode journals each layer; a killed whole-mode run starts over
+        inputs = {"input": input_identity(source), "dense": input_identity(dense) if dense is not None else None}
+        journal = resume.open_partial(output, resume.run_key({**cfg.to_dict(), "windows": _windows_key(windows)},
+                                                             inputs, versions()), False)
+    tmp, keep = (journal.folder if journal is not None else None), False
     try:
         evaluation = eval_before(cfg, source.folder, recipe_in, progress) if procs.main and cfg.eval else None
         if windows is None:
@@ -797,7 +848,10 @@ def finetune(cfg: FinetuneConfig, command: str | None = None, progress: bool = T
                            loss=loss_summary(trained.losses))
             del trained
         else:
-            step = run_blockwise(cfg, source, dense, windows, tmp, out_dtype, device, precision, progress)
+            resumed = journal.layers_done
+            step = run_blockwise(cfg, source, dense, windows, tmp, out_dtype, device, precision, progress, journal)
+            if resumed:
+                section["resumed_after_layers"] = resumed
             zeros = step.zeros
             before = [r["mse_before"] for r in step.report]
             after = [r["mse_after"] for r in step.report]
@@ -819,14 +873,22 @@ def finetune(cfg: FinetuneConfig, command: str | None = None, progress: bool = T
         recipe = build_recipe(recipe_in, source, cfg, section, zeros, command)
         (tmp / "llmprune.json").write_text(json.dumps(recipe, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(source.folder, recipe))
+        journal.finish()
         replace_folder(tmp, output)
+    except KeyboardInterrupt:
+        keep = journal is not None and journal.layers_done > 0
+        if keep:
+            log.warning("interrupted after %d layers: rerun the same command to resume (%s)", journal.layers_done, tmp)
+        raise
     except OSError as err:
         raise LlmpruneError(f"writing {output} failed: {err.strerror or err}") from None
     finally:
         source.checkpoint.close()
         if dense is not None:
             dense.checkpoint.close()
-        if tmp is not None and tmp.exists():
+        if journal is not None and not keep:
+            journal.finish()
+        if tmp is not None and not keep and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
         if procs.world > 1 and procs.main:
             procs.barrier()
@@ -834,6 +896,17 @@ def finetune(cfg: FinetuneConfig, command: str | None = None, progress: bool = T
     recipe["output"] = str(output)
     log.info("wrote %s", output)
     return recipe
+
+
+def input_identity(source: Source) -> dict:
+    """What identifies an input for resuming: its shards' layout and their modification times (a
+    pruned folder rewritten with other options keeps its layout)."""
+    shards = source.checkpoint.fingerprint()
+    return {"shards": shards, "mtimes": {name: (source.folder / name).stat().st_mtime_ns for name in shards}}
+
+
+def _windows_key(windows: torch.Tensor | None) -> str | None:
+    return None if windows is None else hashlib.sha256(windows.numpy().tobytes()).hexdigest()
 
 
 def _seqlen(seqlen: int, config) -> int:

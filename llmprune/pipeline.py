@@ -524,10 +524,12 @@ def finetune_pruned(cfg: PruneConfig, tmp: Path, output: Path, source: Source, c
 
     from .finetune import finetune
 
-    # This run holds the journal's lock on ``tmp``: fine-tune folders beside it are a killed run's.
+    # This run holds the journal's lock on ``tmp``: what a killed fine-tune left beside it without a
+    # journal to resume from (an old copy being replaced) is removed.
     for stale in tmp.parent.glob(f".{tmp.name}.*"):
-        log.info("removing %s, left by an interrupted fine-tune", stale)
-        shutil.rmtree(stale, ignore_errors=True)
+        if not (stale / resume.STATE / "journal.json").is_file():
+            log.info("removing %s, left by an interrupted fine-tune", stale)
+            shutil.rmtree(stale, ignore_errors=True)
     ft = replace(cfg.finetune, model=str(tmp), output=str(tmp), overwrite=True, device=cfg.device, dtype=cfg.dtype,
                  max_shard_size=cfg.max_shard_size, data=cfg.finetune.data or cfg.calib_data,
                  dense=cfg.finetune.dense or str(source.folder), eval=cfg.eval, eval_seqlen=cfg.eval_seqlen,

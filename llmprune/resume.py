@@ -8,7 +8,8 @@ of the calibration activations leaving that layer. Rerunning the same command fi
 checks the last layer's tensors against their hashes, and continues with the next layer; the
 shards are reopened in place (their layout is planned, so every offset is known). A structured run
 also journals the units each layer removed (and the block influence, for layers), and a run that
-writes a compressed format the appending writer's state (each shard's entries and end).
+writes a compressed format the appending writer's state (each shard's entries and end). Block-wise
+fine-tuning (``finetune.run_blockwise``) journals its layers through the same class.
 """
 
 from __future__ import annotations

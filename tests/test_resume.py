@@ -133,7 +133,8 @@ def test_killed_structured_run_resumes_bit_identical(tiny_with_tokenizer, calib_
     assert recipe["structured"] == reference["structured"] and recipe["sparsity"] == reference["sparsity"]
 
 
-@pytest.mark.parametrize("fault", ["finetune", "finetune-layer-1"])  # before it, and with its folder half written
+# Killed before fine-tuning, and after its third layer (the first is surely journalled by then).
+@pytest.mark.parametrize("fault", ["finetune", "finetune-layer-2"])
 def test_run_killed_while_fine_tuning_resumes_after_its_last_pruned_layer(tiny_with_tokenizer, calib_text, tmp_path,
                                                                           fault):
     out, whole = tmp_path / "out", tmp_path / "whole"
@@ -151,3 +152,26 @@ def test_run_killed_while_fine_tuning_resumes_after_its_last_pruned_layer(tiny_w
     assert not partials(tmp_path)
     recipe = json.loads((out / "llmprune.json").read_text())
     assert recipe["resumed_after_layers"] == layers and recipe["finetune"]["mask_changes"] == 0
+    resumed = recipe["finetune"].get("resumed_after_layers", 0)
+    assert resumed == 0 if fault == "finetune" else resumed in (1, 2)
+    assert len(recipe["finetune"]["layers"]) == layers
+
+
+def test_killed_blockwise_finetune_resumes_bit_identical(tiny_with_tokenizer, calib_text, tmp_path):
+    """`llmprune finetune` block-wise, dense-model targets: both sets of states come back from the journal."""
+    pruned, out, whole = tmp_path / "pruned", tmp_path / "out", tmp_path / "whole"
+    assert run_cli(tiny_with_tokenizer, "--sparsity", "0.5", "-o", pruned, "-q") == 0
+    args = ["finetune", pruned, "-o", out, "-q", "--mode", "blockwise", "--targets", "dense-model", "--steps", "2",
+            "--seqlen", "32", "--batch-size", "2", "--nsamples", "4", "--data", calib_text,
+            "--max-shard-size", "100KB"]
+    assert run_cli(*args) == 0
+    out.rename(whole)
+    kill_at("finetune-layer-2", args)
+    [partial] = partials(tmp_path)
+    assert json.loads((partial / ".resume" / "journal.json").read_text())["layers_done"] in (1, 2)
+    assert run_cli(*args) == 0
+    assert tree_hash(out, RECIPE) == tree_hash(whole, RECIPE)
+    assert not partials(tmp_path)
+    ft, reference = (json.loads((f / "llmprune.json").read_text())["finetune"] for f in (out, whole))
+    assert ft["resumed_after_layers"] in (1, 2)
+    assert [r["mse_after"] for r in ft["layers"]] == [r["mse_after"] for r in reference["layers"]]
