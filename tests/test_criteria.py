@@ -236,3 +236,17 @@ def test_activations_of_the_wrong_width_are_rejected(module):
     stats = module.init_stats(torch.zeros(4, 8))
     with pytest.raises(LlmpruneError, match="features"):
         module.accumulate(stats, torch.zeros(3, 9))
+
+
+def test_sparsegpt_blocked_triangular_inverse(monkeypatch):
+    torch.manual_seed(0)
+    n = 300
+    x = torch.randn(900, n)
+    lower = torch.linalg.cholesky(2 * x.T @ x / 900 + 0.01 * torch.eye(n)).mT.contiguous().mT  # column-major
+    direct = torch.linalg.solve_triangular(lower, torch.eye(n), upper=False)
+    assert torch.equal(sparsegpt.lower_inverse(lower), direct)  # up to the leaf size: the solve against I itself
+    monkeypatch.setattr(sparsegpt, "INVERSE_LEAF", 40)  # blocked: four levels, uneven halves
+    blocked = sparsegpt.lower_inverse(lower)
+    assert torch.equal(blocked, blocked.tril())
+    torch.testing.assert_close(blocked, direct, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lower @ blocked, torch.eye(n), rtol=0, atol=1e-4)

@@ -108,14 +108,43 @@ def inverse_hessian_factor(h: torch.Tensor, percdamp: float) -> torch.Tensor:
         lower.diagonal().add_(frac * mean_diag)
         torch.linalg.cholesky_ex(lower, out=(lower, info))
         if info == 0:
-            # L^-1, solved in place into a column-major identity (the layout, and so the rounding,
-            # of the out-of-place solve).
-            inv = torch.eye(len(h), device=h.device, dtype=h.dtype).mT
-            torch.linalg.solve_triangular(lower, inv, upper=False, out=inv)
+            inv = lower_inverse(lower)
             del lower
             return inv.flip(0, 1)
         del lower
     raise LlmpruneError(f"sparsegpt: Hessian not positive definite even with dampening {fracs[-1]:.3g}")
+
+
+def lower_inverse(lower: torch.Tensor) -> torch.Tensor:
+    """L^-1 of a lower triangular ``lower``, column-major, in one more n x n matrix.
+
+    Up to ``INVERSE_LEAF`` it is one triangular solve against I, in place in a column-major identity
+    (n^3 flops). Above, blocked: with L = [[A, 0], [B, C]], L^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]],
+    the corner by two triangular solves with A and C themselves and the diagonal blocks recursively,
+    n^3 / 3 flops in all: a third of the work for a 70B down_proj (n = 28672).
+    """
+    inv = torch.eye(lower.shape[0], device=lower.device, dtype=lower.dtype).mT
+    _invert_into(lower, inv)
+    return inv
+
+
+INVERSE_LEAF = 4096
+
+
+def _invert_into(lower: torch.Tensor, out: torch.Tensor) -> None:
+    """Overwrite ``out`` (holding I) with lower^-1."""
+    n = lower.shape[0]
+    if n <= INVERSE_LEAF:
+        torch.linalg.solve_triangular(lower, out, upper=False, out=out)
+        return
+    k = n // 2
+    corner = torch.linalg.solve_triangular(lower[:k, :k], lower[k:, :k], upper=False, left=False)  # B A^-1
+    torch.linalg.solve_triangular(lower[k:, k:], corner, upper=False, out=corner)  # C^-1 B A^-1, in place
+    out[k:, :k] = corner
+    out[k:, :k].neg_()
+    del corner  # n^2 / 4 floats at the top level: the only workspace besides the result
+    _invert_into(lower[:k, :k], out[:k, :k])
+    _invert_into(lower[k:, k:], out[k:, k:])
 
 
 def factorize(stats: Hessian, percdamp: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
