@@ -150,7 +150,10 @@ class Journal:
                 old, self.acts = self.acts, None
                 if snapshot is not None:
                     self.acts = f"acts-{index}"
+                    # a run killed while saving them left a partial copy that no journal names
+                    shutil.rmtree(self.state_dir / self.acts, ignore_errors=True)
                     acts.save(snapshot, self.state_dir / self.acts)
+                    fault_point(f"layer-{index}-states-saved")
                     _fsync_dir(self.state_dir)
                 self.layers_done = index + 1
                 self.save()
