@@ -489,8 +489,8 @@ def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True,
         recipe["plots"] = sparsity_chart(recipe, tmp)
         (tmp / "llmprune.json").write_text(json.dumps(recipe, indent=2) + "\n")
         if cfg.finetune is not None and cfg.finetune.steps > 0:
-            # The journal stays until here: a run killed while fine-tuning resumes after its last
-            # pruned layer and fine-tunes again (the fine-tune itself starts over).
+            # The journal stays until the end: a run killed while fine-tuning resumes after its last
+            # pruned layer and goes on with the fine-tune (block-wise: after its last journalled layer).
             fault_point("finetune")
             recipe = finetune_pruned(cfg, tmp, output, source, command, progress)
             (tmp / "llmprune.json").write_text(json.dumps(recipe, indent=2) + "\n")
