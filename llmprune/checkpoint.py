@@ -323,11 +323,7 @@ class ShardWriter:
         index, offset, spec = self.place[name]
         if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise ValueError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, planned {spec.dtype} {spec.shape}")
-        data = memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
-        if fault_point(f"tensor:{name}", kill=False):  # a crash in the middle of this tensor
-            _write_all(self.fds[index], data[: len(data) // 2], offset)
-            fault_point(f"tensor:{name}")
-        _write_all(self.fds[index], data, offset)
+        _write_tensor(self.fds[index], name, tensor, offset)
         self.pending.discard(name)
 
     def digest(self, name: str) -> str:
@@ -450,15 +446,11 @@ class AppendShardWriter:
         plan, i = self.planned[name], self.shard_of[name]
         if tensor.dtype != plan.dtype or tensor.dim() != plan.ndim or name in self.entries[i]:
             raise ValueError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, planned {plan}")
-        data = memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
         start = self.cursor[i]
-        if fault_point(f"tensor:{name}", kill=False):  # a crash in the middle of this tensor
-            _write_all(self.fds[i], data[: len(data) // 2], 8 + self.reserved[i] + start)
-            fault_point(f"tensor:{name}")
-        _write_all(self.fds[i], data, 8 + self.reserved[i] + start)
-        self.cursor[i] = start + len(data)
+        size = _write_tensor(self.fds[i], name, tensor, 8 + self.reserved[i] + start)
+        self.cursor[i] = start + size
         self.entries[i][name] = {"dtype": DTYPE_NAMES[plan.dtype], "shape": list(tensor.shape),
-                                 "data_offsets": [start, start + len(data)]}
+                                 "data_offsets": [start, start + size]}
 
     def digest(self, name: str) -> str:
         """SHA-256 of a written tensor's bytes as they are in its shard now."""
@@ -488,6 +480,17 @@ class AppendShardWriter:
         for fd in self.fds:
             os.close(fd)
         self.fds = []
+
+
+def _write_tensor(fd: int, name: str, tensor: torch.Tensor, offset: int) -> int:
+    """Write ``tensor``'s bytes at ``offset``; returns their count. The testing hook
+    ``tensor:<name>`` kills the process with half of them written."""
+    data = memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+    if fault_point(f"tensor:{name}", kill=False):
+        _write_all(fd, data[: len(data) // 2], offset)
+        fault_point(f"tensor:{name}")
+    _write_all(fd, data, offset)
+    return len(data)
 
 
 def _digest(fd: int, offset: int, size: int) -> str:
