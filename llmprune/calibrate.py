@@ -36,23 +36,25 @@ def _hooks(module: nn.Module, linears: dict[str, tuple[Linear, nn.Module]], fn) 
 def input_groups(module: nn.Module, index: int, acts: Activations,
                  linears: dict[str, tuple[Linear, nn.Module]]) -> list[list[str]]:
     """The layer's linears in execution order, grouped by shared input (q/k/v read one tensor)."""
-    seen: list[tuple[str, int]] = []
-    handles = _hooks(module, linears, lambda name, x: seen.append((name, x.data_ptr())))
+    # The input tensors themselves are kept, and compared by identity: an address alone can be
+    # reused by the allocator for a later input once the earlier one is freed.
+    seen: list[tuple[str, torch.Tensor]] = []
+    handles = _hooks(module, linears, lambda name, x: seen.append((name, x)))
     try:
         acts.forward(module, index, chunks=1)
     finally:
         for h in handles:
             h.remove()
     groups: list[list[str]] = []
-    last_ptr = None
-    for name, ptr in seen:
+    last = None
+    for name, x in seen:
         if any(name in g for g in groups):
             continue
-        if groups and ptr == last_ptr:
+        if groups and x is last:
             groups[-1].append(name)
         else:
             groups.append([name])
-        last_ptr = ptr
+        last = x
     return groups
 
 

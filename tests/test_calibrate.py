@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import FAMILIES, run_cli
 from llmprune.arch import Outer
-from llmprune.calibrate import collect_stats
+from llmprune.calibrate import collect_stats, input_groups
 from llmprune.criteria import sparsegpt, wanda
 from llmprune.masks import is_n_m
 from llmprune.pipeline import open_source
@@ -83,6 +83,20 @@ def test_methods_differ_and_sparsegpt_updates_survivors(tiny_with_tokenizer, cal
     d = dense["model.layers.1.mlp.down_proj.weight"]
     assert torch.equal(values["wanda"][masks["wanda"]], d[masks["wanda"]])  # wanda keeps survivors
     assert not torch.equal(values["sparsegpt"][masks["sparsegpt"]], d[masks["sparsegpt"]])  # OBS update
+
+
+@pytest.mark.parametrize("repeat", range(3))
+def test_true_sequential_groups_by_shared_input(tiny_models, repeat):
+    """q/k/v and gate/up read one tensor each; o and down read their own. Decided by tensor identity,
+    not by address: a freed input's memory reused by the next linear's input must not merge them."""
+    src = open_source(str(tiny_models["llama"]))
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(repeat))
+    acts = Activations(Outer(src.layout, src.checkpoint.read, torch.device("cpu")), ids, 2, torch.device("cpu"))
+    layer = next(layers(src.checkpoint, src.layout, torch.device("cpu"), progress=False))
+    module = layer.module()
+    linears = {name: (lin, module.get_submodule(lin.name)) for lin, name in layer.linears()}
+    groups = [[name.split(".")[-2] for name in g] for g in input_groups(module, 0, acts, linears)]
+    assert groups == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
 
 
 def test_true_sequential_changes_later_groups_only(tiny_with_tokenizer, calib_text, tmp_path):
