@@ -1,50 +1,45 @@
 """llmprune: prune Hugging Face language models layer by layer, streamed from disk.
 
-The Python API mirrors the CLI: build a config object, call the function.
+The Python API mirrors the CLI: build a config object, call the function. Each function imports
+its workflow when called, because the workflows import transformers, and `import llmprune` alone
+(which registers the sparse-bitmask reader below) should stay light.
 """
 
-__version__ = "0.1.0"
+from .hf import install as _install_sparse_reader
+from .version import __version__
+
+__all__ = ["__version__", "evaluate", "finetune", "load", "prune"]
 
 
 def prune(config, **kwargs):
     """Prune per a :class:`llmprune.config.PruneConfig`; returns the recipe (llmprune.json)."""
-    from .pipeline import prune as _prune
+    from .pruning import prune as run
 
-    return _prune(config, **kwargs)
-
-
-# `llmprune.evaluate` names both the function below and the module llmprune/evaluate.py. Python
-# binds a submodule to its package's attribute when the submodule is first imported, which would
-# replace the function with the module whenever anything imported llmprune.evaluate later; importing
-# it here first, before the def, keeps `llmprune.evaluate` the function. Modules stay reachable as
-# `from llmprune.evaluate import load_windows`.
-from . import evaluate as _evaluate_module  # noqa: E402
+    return run(config, **kwargs)
 
 
 def evaluate(config, **kwargs):
     """Perplexity (and zero-shot tasks) per a :class:`llmprune.config.EvalConfig`; returns an EvalResult."""
-    return _evaluate_module.run(config, **kwargs)
+    from .perplexity import run
 
-
-# Same reason as for `evaluate` above: bind the submodule first so that the function keeps the name.
-from . import finetune as _finetune_module  # noqa: E402
+    return run(config, **kwargs)
 
 
 def finetune(config, **kwargs):
     """Fine-tune a pruned model per a :class:`llmprune.config.FinetuneConfig`, keeping its sparsity exactly;
     returns the recipe (llmprune.json)."""
-    return _finetune_module.finetune(config, **kwargs)
+    from .finetuning import finetune as run
+
+    return run(config, **kwargs)
 
 
 def load(folder, **kwargs):
     """An ordinary transformers model from an llmprune output, dense or sparse-bitmask; ``kwargs`` go
     to ``from_pretrained`` (``dtype``, ``device_map``, ...)."""
-    from .hub import load as _load
+    from .sharing import load as run
 
-    return _load(folder, **kwargs)
+    return run(folder, **kwargs)
 
 
 # Plain AutoModelForCausalLM.from_pretrained reads sparse-bitmask outputs once llmprune is imported.
-from . import hf as _hf  # noqa: E402
-
-_hf.install()
+_install_sparse_reader()

@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from .errors import LlmpruneError
+from .progress import track
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,7 @@ class LayerCalls:
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
-class Outer:
+class ModelWithoutLayers:
     """The model without its decoder layers: embeddings, rotary tables, final norm and head.
 
     Materialised from the checkpoint on ``device`` (the layers stay stand-ins), it produces each
@@ -270,7 +271,6 @@ def fill_parameters(model: nn.Module, layout: Layout, read: "callable", device: 
     """``model``'s meta-device parameters read from the checkpoint one tensor at a time onto
     ``device`` (cast to ``dtype``); parameters the checkpoint omits must be tied ones (a head
     sharing the embedding), which are tied afterwards. Memory: the model plus one tensor."""
-    from .progress import track
 
     names = [name for name, param in model.named_parameters(remove_duplicate=False) if param.is_meta]
     missing = []
@@ -315,221 +315,4 @@ def context_length(config: PretrainedConfig) -> int | None:
 # MLP. A linear reads the layer's hidden size and writes units ("reader"), or reads units and writes
 # the hidden size ("writer", the last such linear in definition order when shapes are square).
 
-_INTERMEDIATE_KEYS = ("intermediate_size", "ffn_dim", "n_inner")
 
-
-@dataclass(frozen=True)
-class Owned:
-    """The positions of one tensor of a decoder layer that belong to units, along one stored dim."""
-
-    name: str  # parameter name inside the layer, e.g. "mlp.up_proj.weight"
-    dim: int  # stored dimension the positions run along
-    owner: torch.Tensor  # (size along dim,) int64: the unit of each position, -1 for none
-
-
-@dataclass(frozen=True)
-class Units:
-    """The units of one kind in one decoder layer.
-
-    Units are removed in equal numbers from each of ``blocks`` blocks of ``per_block`` (query heads
-    within their KV group), so the result stays expressible by one config; unit ``u`` lies in block
-    ``u // per_block``. ``readout`` is the writer weight: its input columns carry the units' outputs.
-    """
-
-    kind: str
-    blocks: int
-    per_block: int
-    tensors: tuple[Owned, ...]
-    readout: Owned
-
-    @property
-    def count(self) -> int:
-        return self.blocks * self.per_block
-
-
-@dataclass(frozen=True)
-class Dims:
-    """The sizes structured pruning reads from a text config."""
-
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int | None
-    intermediate_key: str | None
-
-
-def dims_of(config: PretrainedConfig) -> Dims:
-    text = config.get_text_config()
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    key = next((k for k in _INTERMEDIATE_KEYS if hasattr(text, k)), None)
-    inter = getattr(text, key) if key else None
-    if key == "n_inner" and inter is None:
-        inter = 4 * text.hidden_size  # GPT-2's convention for an unset n_inner
-    return Dims(text.hidden_size, heads, kv_heads, head_dim, inter if isinstance(inter, int) else None, key)
-
-
-def _out_in(module: nn.Module) -> tuple[int, int]:
-    w = module.weight
-    return (w.shape[1], w.shape[0]) if isinstance(module, Conv1D) else (w.shape[0], w.shape[1])
-
-
-def _is_attention(path: str) -> bool:
-    return any("attn" in part.lower() or "attention" in part.lower() for part in path.split("."))
-
-
-def _split(layer: nn.Module, attention: bool, width: int, hidden: int, what: str) -> tuple[list, tuple[str, nn.Module]]:
-    """The readers (hidden -> k x width) and the one writer (width -> hidden) of a layer part."""
-    linears = [(n, m) for n, m in layer.named_modules() if _is_linear(m) and _is_attention(n) == attention]
-    writers = [(n, m) for n, m in linears if _out_in(m) == (hidden, width)]
-    if not writers:
-        raise LlmpruneError(f"cannot find the {what} output projection ({width} -> {hidden}) in the decoder layer")
-    writer = writers[-1]
-    readers = [(n, m) for n, m in linears if (n, m) != writer]
-    for n, m in readers:
-        out, inp = _out_in(m)
-        if inp != hidden or (not attention and out % width):
-            raise LlmpruneError(f"cannot prune {what} structurally: unrecognised linear {n} ({inp} -> {out})")
-    return readers, writer
-
-
-def _owned_rows(name: str, module: nn.Module, owner: torch.Tensor) -> list[Owned]:
-    """A reader's output positions (weight rows, bias entries) owned per ``owner``."""
-    out = [Owned(f"{name}.weight", 1 if isinstance(module, Conv1D) else 0, owner)]
-    if getattr(module, "bias", None) is not None:
-        out.append(Owned(f"{name}.bias", 0, owner))
-    return out
-
-
-def _readout(name: str, module: nn.Module, owner: torch.Tensor) -> Owned:
-    return Owned(f"{name}.weight", 0 if isinstance(module, Conv1D) else 1, owner)
-
-
-def mlp_channels(layout: Layout, index: int) -> Units:
-    """MLP intermediate channels: a row of every MLP reader (each chunk of a fused gate|up) and a
-    column of the MLP writer."""
-    d = dims_of(layout.config)
-    if d.intermediate is None:
-        raise LlmpruneError("cannot prune channels: the config has no single intermediate size "
-                            f"({', '.join(_INTERMEDIATE_KEYS)})")
-    readers, (wname, writer) = _split(layout.layer_module(index), False, d.intermediate, d.hidden, "MLP")
-    if not readers:
-        raise LlmpruneError("cannot prune channels: the MLP has no input projection")
-    channel = torch.arange(d.intermediate)
-    tensors = []
-    for name, module in readers:
-        chunks = _out_in(module)[0] // d.intermediate  # fused gate|up: unit j owns row c * I + j
-        tensors += _owned_rows(name, module, channel.repeat(chunks))
-    readout = _readout(wname, writer, channel)
-    return Units("channels", 1, d.intermediate, (*tensors, readout), readout)
-
-
-def attention_heads(layout: Layout, index: int, whole_groups: bool) -> Units:
-    """Query heads within their KV group, or (``whole_groups``, and always without grouped-query
-    attention) KV groups with their query heads; the attention output's columns follow."""
-    d = dims_of(layout.config)
-    group = d.heads // d.kv_heads
-    q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
-    readers, (wname, writer) = _split(layout.layer_module(index), True, q, d.hidden, "attention")
-    whole = whole_groups or group == 1
-    head = torch.arange(d.heads).repeat_interleave(d.head_dim)  # q position -> query head
-    q_owner = head // group if whole else head
-    kv_owner = torch.arange(d.kv_heads).repeat_interleave(d.head_dim) if whole else torch.full((kv,), -1)
-    tensors = []
-    for name, module in readers:
-        out = _out_in(module)[0]
-        if out == q + 2 * kv:  # fused q|k|v
-            owner = torch.cat([q_owner, kv_owner, kv_owner])
-        elif out == q:
-            owner = q_owner
-        elif out == kv:
-            owner = kv_owner
-        else:
-            raise LlmpruneError(f"cannot prune heads: attention linear {name} has {out} outputs, expected "
-                                f"{q} (queries), {kv} (keys or values) or {q + 2 * kv} (fused)")
-        tensors += _owned_rows(name, module, owner)
-    readout = _readout(wname, writer, q_owner)
-    if whole:
-        return Units("kv-heads", 1, d.kv_heads, (*tensors, readout), readout)
-    return Units("heads", d.kv_heads, group, (*tensors, readout), readout)
-
-
-def units_of(layout: Layout, index: int, pattern: str) -> Units:
-    if pattern == "channels":
-        return mlp_channels(layout, index)
-    return attention_heads(layout, index, whole_groups=pattern == "kv-heads")
-
-
-def shrunk_config_values(layout: Layout, units: Units, kept_per_block: int) -> dict[str, int]:
-    """Config attributes (canonical names) describing a model whose layers keep ``kept_per_block``."""
-    d = dims_of(layout.config)
-    if units.kind == "channels":
-        return {d.intermediate_key: kept_per_block}
-    if units.kind == "heads":
-        return {"num_attention_heads": d.kv_heads * kept_per_block, "num_key_value_heads": d.kv_heads,
-                "head_dim": d.head_dim}
-    group = d.heads // d.kv_heads
-    return {"num_attention_heads": kept_per_block * group, "num_key_value_heads": kept_per_block,
-            "head_dim": d.head_dim}
-
-
-def without_layers(layout: Layout, dropped: set[int]) -> dict[str, object]:
-    """Config attributes of the model without decoder layers ``dropped``: the layer count, and every
-    per-layer list (e.g. ``layer_types``) cut to the kept layers."""
-    text = layout.config.get_text_config()
-    kept = [i for i in range(layout.num_layers) if i not in dropped]
-    values: dict[str, object] = {"num_hidden_layers": len(kept)}
-    for key, value in text.to_dict().items():
-        if isinstance(value, list) and len(value) == layout.num_layers and key != "architectures":
-            values[key] = [value[i] for i in kept]
-    return values
-
-
-def edit_config_json(config: PretrainedConfig, data: dict, values: dict[str, object]) -> dict:
-    """``data`` (a config.json) with canonical attribute ``values`` written under their JSON keys
-    (GPT-2's n_layer for num_hidden_layers), inside ``text_config`` for multimodal configs."""
-    text = config.get_text_config()
-    target = data
-    if text is not config:
-        key = next(k for k, v in vars(config).items() if v is text)
-        target = data.setdefault(key, {})
-    mapping = getattr(type(text), "attribute_map", {}) or {}
-    for name, value in values.items():
-        target[mapping.get(name, name)] = value
-    return data
-
-
-def check_expressible(layout: Layout, values: dict[str, object], shapes: dict[int, dict[str, tuple[int, ...]]]) -> None:
-    """Refuse unless transformers builds, from the config edited with ``values``, decoder layers with
-    exactly ``shapes`` (output layer index -> layer-relative parameter name -> planned shape)."""
-    config = copy.deepcopy(layout.config)
-    text = config.get_text_config()
-    for name, value in values.items():
-        setattr(text, name, value)
-    try:
-        # from_dict runs the config class's own validation, as from_pretrained will on the output
-        type(text).from_dict(text.to_dict())
-    except Exception as err:  # transformers' validators raise their own error classes
-        lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
-        reason = lines[-1] if lines else type(err).__name__
-        raise LlmpruneError(f"{type(text).__name__} cannot express the pruned model: {reason}") from None
-    try:
-        layers = find_layers(build_skeleton(config))[1]
-    except (LlmpruneError, RuntimeError, AssertionError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise LlmpruneError(f"{type(text).__name__} cannot express the pruned model: {reason}") from None
-    settings = ", ".join(f"{k}={v}" for k, v in values.items() if not isinstance(v, list))
-    for index, planned in shapes.items():
-        built = {n: tuple(p.shape) for n, p in layers[index].named_parameters()}
-        for name, shape in planned.items():
-            if built.get(name) != shape:
-                raise LlmpruneError(f"{type(text).__name__} cannot express the pruned model: {name} would be "
-                                    f"{shape}, but the edited config ({settings}) builds {built.get(name)}")
-
-
-def renumbered(layout: Layout, checkpoint_name: str, new_index: int) -> str:
-    """A decoder-layer tensor's checkpoint name with its layer index replaced by ``new_index``."""
-    old = layout.checkpoint_name(layout.layer_prefix(layout.layer_of(checkpoint_name)))
-    return layout.checkpoint_name(layout.layer_prefix(new_index)) + checkpoint_name[len(old):]

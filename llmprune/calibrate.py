@@ -1,32 +1,20 @@
-"""Calibration-aware pruning over the layer stream, and the OWL pre-pass.
-
-Sequential propagation (SparseGPT / Wanda): the calibration windows' hidden states entering
-layer 0 are captured once; then for each decoder layer, as the engine streams it: hooks on its
-linears feed their inputs to the criterion's statistics while the states run through the layer,
-the linears are pruned in place, and the states run through the pruned layer again to become the
-next layer's inputs. With ``true_sequential`` the linears are pruned group by group in execution
-order (e.g. q/k/v, then o, then gate/up, then down), each group's statistics seeing the earlier
-groups already pruned. Memory is O(one layer + calibration activations).
-"""
-
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch import nn
 
-from .arch import Linear, as_out_in
-from .criteria import wanda
+from . import data
+from .arch import Linear, ModelWithoutLayers, as_out_in
+from .config import PruneConfig
 from .errors import LlmpruneError
-from .masks import Pattern
-from .stream import Activations, Layer
+from .source import Source, calibration_seqlen
+from .stream import Activations
 
 log = logging.getLogger(__name__)
-
-
 def _hooks(module: nn.Module, linears: dict[str, tuple[Linear, nn.Module]], fn) -> list:
     """Forward hooks calling ``fn(name, x)`` with each listed linear's input ``x`` (..., in)."""
     return [sub.register_forward_hook(lambda m, args, out, name=name: fn(name, args[0]))
@@ -101,66 +89,21 @@ def collect_stats(criterion: ModuleType, module: nn.Module, index: int, acts: Ac
     return {name: stats[leader[name]] for name in linears}
 
 
-@dataclass
-class CalibratedPruneStep:
-    """The engine step for criteria that need activations (Wanda, SparseGPT)."""
-
-    criterion: ModuleType
-    targets: dict[str, float]
-    pattern: Pattern
-    norm: str
-    acts: Activations
-    true_sequential: bool = False
-    zeros: dict[str, int] = field(default_factory=dict)
-
-    @torch.no_grad()
-    def __call__(self, layer: Layer) -> dict[str, torch.Tensor]:
-        module = layer.module()  # shares storage with layer.tensors: pruning in place updates both
-        linears = {name: (lin, module.get_submodule(lin.name)) for lin, name in layer.linears()}
-        todo = [n for n in linears if self.targets.get(n, 0.0) > 0]
-        groups = input_groups(module, layer.index, self.acts, linears) if self.true_sequential else [todo]
-        for group in groups:
-            group = {n: linears[n] for n in group if n in todo}
-            if not group:
-                continue
-            stats = collect_stats(self.criterion, module, layer.index, self.acts, group)
-            for name, (lin, sub) in group.items():
-                weight = as_out_in(sub.weight, lin)
-                pruned, _ = self.criterion.prune(weight, self.targets[name], self.pattern, stats.pop(name), self.norm)
-                weight.copy_(pruned)
-        self.acts.advance(module, layer.index)
-        for name in linears:
-            t = layer.tensors[name]
-            self.zeros[name] = t.numel() - int(torch.count_nonzero(t))
-        return layer.tensors
+def calibration_ids(cfg: PruneConfig, source: Source) -> torch.Tensor:
+    """The calibration token windows (nsamples, seqlen), seqlen capped by the model's context."""
+    from transformers import AutoTokenizer
 
 
-@dataclass
-class OutlierStep:
-    """OWL pre-pass step: each dense layer's share of outlier Wanda scores; writes nothing.
+    tokenizer = AutoTokenizer.from_pretrained(source.folder)
+    return data.calibration_samples(tokenizer, cfg.calib_data, cfg.nsamples, calibration_seqlen(cfg, source), cfg.seed)
 
-    The share is over all the layer's prunable weights together: scores above ``m`` times their
-    mean (OWL's layerwise outlier distribution, M = 5 by default).
-    """
 
-    acts: Activations
-    m: float = 5.0
-    ratios: list[float] = field(default_factory=list)
-
-    @torch.no_grad()
-    def __call__(self, layer: Layer) -> None:
-        module = layer.module()
-        linears = {name: (lin, module.get_submodule(lin.name)) for lin, name in layer.linears()}
-        stats = collect_stats(wanda, module, layer.index, self.acts, linears)
-        above = total = 0
-        score_sum = 0.0
-        scores = {}
-        for name, (lin, sub) in linears.items():
-            scores[name] = wanda.scores(as_out_in(sub.weight, lin), stats[name])
-            score_sum += float(scores[name].sum(dtype=torch.float64))
-            total += scores[name].numel()
-        mean = score_sum / total
-        for s in scores.values():
-            above += int(torch.count_nonzero(s > self.m * mean))
-        self.ratios.append(above / total)
-        self.acts.advance(module, layer.index)
+def calibration(cfg: PruneConfig, source: Source, device: torch.device, store: torch.device | Path,
+                ids: torch.Tensor | None = None) -> tuple[ModelWithoutLayers, torch.Tensor]:
+    """The model's embeddings and head and the calibration token windows (``ids`` when given;
+    states kept on ``store``)."""
+    if ids is None:
+        ids = calibration_ids(cfg, source)
+    outer = ModelWithoutLayers(source.layout, source.checkpoint.read, device)
+    log.info("calibration: %d windows of %d tokens from %s, states on %s", *ids.shape, cfg.calib_data, store)
+    return outer, ids

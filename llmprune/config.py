@@ -8,13 +8,12 @@ from dataclasses import dataclass
 
 import torch
 
+from . import criteria
+from .devices import DTYPES, parse_budget, parse_size
 from .errors import LlmpruneError
 from .masks import Pattern
 from .ratios import check_sparsity, parse_schedule
 from .sparse import SAVE_FORMATS
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 class Options:
@@ -42,7 +41,6 @@ class Options:
         """--dtype, --max-memory and --device, which every command takes."""
         if self.dtype is not None and self.dtype not in DTYPES:
             raise LlmpruneError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        from .memory import parse_budget
 
         parse_budget(self.max_memory)
         if self.device != "auto" and not self.device.startswith(("cpu", "cuda", "mps", "xpu")):
@@ -106,7 +104,6 @@ class PruneConfig(Options):
             if self.schedule:
                 raise LlmpruneError("--schedule needs unstructured pruning: N:M fixes the sparsity of every group")
         if pattern.structured:
-            from .structured import check_options
 
             check_options(self)
         if self.sparsity is None:
@@ -132,24 +129,12 @@ class PruneConfig(Options):
         if self.save_format != "dense" and self.finetune is not None and self.finetune.steps > 0:
             raise LlmpruneError(f"--save-format {self.save_format} cannot be combined with --finetune-steps yet: "
                                 "the fine-tune writes a dense model")
-        from . import criteria
 
         criteria.get(self.method)
 
     @property
     def parsed_pattern(self) -> Pattern:
         return Pattern.parse(self.pattern)
-
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``: the first CUDA device when present, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LlmpruneError(f"--device {name}: no CUDA device is available")
-    return device
 
 
 @dataclass(frozen=True)
@@ -244,14 +229,12 @@ class FinetuneConfig(Options):
             if getattr(self, name) not in choices:
                 raise LlmpruneError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         self.check_placement()
-        from .checkpoint import parse_size
 
         parse_size(self.max_shard_size)
 
     @property
     def warmup_steps(self) -> int:
         return self.steps // 10 if self.warmup is None else min(self.warmup, self.steps)
-
 
 
 def _floats(values: object, what: str) -> tuple[float, ...]:
@@ -370,3 +353,12 @@ class SensitivityConfig(Options):
         out = super().to_dict()
         out["sparsities"] = list(self.sparsities)
         return out
+
+
+def check_options(cfg: PruneConfig) -> None:
+    if cfg.method not in ("magnitude", "wanda"):
+        raise LlmpruneError(f"--pattern {cfg.pattern} ranks units by magnitude or wanda, not {cfg.method}")
+    for flag, value in (("--ratios", cfg.ratios), ("--schedule", cfg.schedule), ("--true-sequential", cfg.true_sequential)):
+        if value:
+            raise LlmpruneError(f"{flag} does not apply to --pattern {cfg.pattern}: transformers' configs need one "
+                                "size for all layers, so the ratio is uniform")

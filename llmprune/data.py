@@ -38,8 +38,8 @@ from typing import Any
 
 import torch
 
-from llmprune import packaged
-from llmprune.errors import LlmpruneError
+from . import packaged
+from .errors import LlmpruneError
 
 logger = logging.getLogger(__name__)
 

@@ -97,8 +97,11 @@ def _decompress_op() -> type:
 def register() -> bool:
     """Register the quantizer with transformers once; False when this transformers lacks the hooks."""
     try:
-        from transformers.quantizers.auto import (AUTO_QUANTIZER_MAPPING, register_quantization_config,
-                                                  register_quantizer)
+        from transformers.quantizers.auto import (
+            AUTO_QUANTIZER_MAPPING,
+            register_quantization_config,
+            register_quantizer,
+        )
         from transformers.quantizers.base import HfQuantizer
         from transformers.utils.quantization_config import QuantizationConfigMixin
     except ImportError:

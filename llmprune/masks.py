@@ -18,7 +18,6 @@ import torch
 
 from .errors import LlmpruneError
 
-
 STRUCTURED = ("channels", "heads", "kv-heads", "layers")
 
 

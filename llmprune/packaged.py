@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from llmprune.errors import LlmpruneError
+from .errors import LlmpruneError
 
 logger = logging.getLogger(__name__)
 

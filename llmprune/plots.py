@@ -87,3 +87,23 @@ def sensitivity_lines(damage: list[dict[float, float]], allocation: list[float],
     integer_ticks(top)
     integer_ticks(bottom)
     return save(fig, path)
+
+
+SPARSITY_CHART = "sparsity.png"
+
+
+def sparsity_chart(recipe: dict, folder: Path) -> dict[str, str]:
+    """The per-layer sparsity bar chart beside the model; without matplotlib, a warning and no chart."""
+
+    sp = recipe["sparsity"]
+    kind = "owl" if "owl" in recipe else recipe["config"].get("schedule") or recipe["config"].get("ratios") or "uniform"
+    try:
+        sparsity_bars(sp["layers"], sp["target_mean"], folder / SPARSITY_CHART,
+                            f"{recipe['config']['method']}, {recipe['config']['pattern']}, {kind}: "
+                            f"{sp['overall']:.1%} overall")
+    except LlmpruneError as err:
+        if str(err) != NEEDS_MATPLOTLIB:
+            raise
+        log.warning("no sparsity chart: %s", err)
+        return {}
+    return {"sparsity": SPARSITY_CHART}

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import ShardWriter, SparseShardWriter, fault_point
 from .errors import LlmpruneError
+from .faults import fault_point
+from .shards import ShardWriter, SparseShardWriter
 
 log = logging.getLogger(__name__)
 

@@ -31,12 +31,18 @@ import torch
 from torch import nn
 
 from . import criteria, plots, ratios
-from .arch import Linear, Layout, as_out_in
-from .calibrate import _hooks, collect_stats
-from .config import SensitivityConfig, resolve_device
-from .pipeline import (Source, calibration, calibration_batch, calibration_ids, calibration_store, check_output,
-                       open_source, prunable_matrices, temp_output, versions)
+from .arch import Layout, Linear, as_out_in, find_layers
+from .calibrate import _hooks, calibration, calibration_ids, collect_stats
+from .config import SensitivityConfig
+from .data import resolve_source
+from .devices import resolve_device
+from .masks import Pattern
+from .output import check_output, temp_output
+from .perplexity import evaluate, load_model, load_windows
 from .progress import track
+from .recipe import versions
+from .sizing import calibration_batch, calibration_store
+from .source import Source, open_source, prunable_matrices
 from .stream import Activations, Layer
 from .stream import layers as stream_layers
 
@@ -49,7 +55,6 @@ Linears = dict[str, tuple[Linear, nn.Module]]  # checkpoint name -> (linear, its
 def prune_linears(criterion: ModuleType, linears: Linears, originals: dict[str, torch.Tensor], sparsity: float,
                   stats: dict, norm: str) -> None:
     """Set each linear's weight to its original pruned at ``sparsity`` (unstructured), in place."""
-    from .masks import Pattern
 
     for name, (lin, sub) in linears.items():
         pruned, _ = criterion.prune(as_out_in(originals[name], lin), sparsity, Pattern(), stats.get(name), norm)
@@ -126,9 +131,6 @@ def model_stats(criterion: ModuleType, model: nn.Module, linears: Linears, ids: 
 @torch.no_grad()
 def ppl_damage(cfg: SensitivityConfig, source: Source, device: torch.device, progress: bool) -> tuple[list[dict], float]:
     """Perplexity with one layer pruned at a time, on a model held in memory; and the dense perplexity."""
-    from .arch import find_layers
-    from .data import resolve_source
-    from .evaluate import evaluate, load_model, load_windows
 
     criterion = criteria.get(cfg.method)
     windows = load_windows(source.folder, resolve_source(cfg.eval), cfg.eval_seqlen, cfg.eval_max_windows)

@@ -26,9 +26,11 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .arch import LayerCalls, Layout, Linear, Outer, materialize
-from .checkpoint import Checkpoint, ShardWriter, TensorSpec
+from .arch import LayerCalls, Layout, Linear, ModelWithoutLayers, materialize
+from .checkpoint import Checkpoint, TensorSpec
 from .progress import track
+from .shards import ShardWriter
+from .source import group_names
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +97,6 @@ def release_heap() -> None:
 
 Step = Callable[[Layer], dict[str, torch.Tensor]]
 OnLayer = Callable[[int], "Callable[[], None] | None"]
-
-
-def group_names(checkpoint: Checkpoint, layout: Layout) -> tuple[list[str], list[list[str]]]:
-    """Checkpoint tensor names outside the decoder layers, and those of each layer, in order."""
-    outside: list[str] = []
-    per_layer: list[list[str]] = [[] for _ in range(layout.num_layers)]
-    for name in checkpoint.names:
-        index = layout.layer_of(name)
-        (outside if index is None else per_layer[index]).append(name)
-    return outside, per_layer
 
 
 def output_specs(checkpoint: Checkpoint, layout: Layout, dtype: torch.dtype | None) -> list[TensorSpec]:
@@ -192,7 +184,7 @@ class Activations:
     stays valid while later layers run.
     """
 
-    def __init__(self, outer: Outer, ids: torch.Tensor, batch_size: int, store: torch.device | Path):
+    def __init__(self, outer: ModelWithoutLayers, ids: torch.Tensor, batch_size: int, store: torch.device | Path):
         self.device = outer.device
         self.spill = Path(store) if isinstance(store, (str, Path)) else None
         self.store = torch.device("cpu") if self.spill is not None else store

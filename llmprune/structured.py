@@ -25,24 +25,33 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from . import masks
-from .arch import (Layout, Owned, Units, check_expressible, edit_config_json, renumbered, shrunk_config_values,
-                   units_of, without_layers)
+from .arch import Layout
+from .calibrate import calibration
 from .checkpoint import TensorSpec
+from .config import PruneConfig
 from .errors import LlmpruneError
+from .sizing import calibration_batch, calibration_store
+from .source import Source
 from .stream import Activations, Layer
 from .stream import layers as stream_layers
-
-if TYPE_CHECKING:
-    from .config import PruneConfig
-    from .pipeline import Source
+from .units import (
+    Owned,
+    Units,
+    check_expressible,
+    edit_config_json,
+    renumbered,
+    shrunk_config_values,
+    units_of,
+    without_layers,
+)
 
 log = logging.getLogger(__name__)
+
 
 UNIT_NAMES = {"channels": "MLP channels", "heads": "query heads per KV group", "kv-heads": "KV groups",
               "layers": "decoder layers"}
@@ -282,15 +291,6 @@ def reduced_shape(units: Units, name: str, shape: tuple[int, ...], remove: int) 
     return shape
 
 
-def check_options(cfg: PruneConfig) -> None:
-    if cfg.method not in ("magnitude", "wanda"):
-        raise LlmpruneError(f"--pattern {cfg.pattern} ranks units by magnitude or wanda, not {cfg.method}")
-    for flag, value in (("--ratios", cfg.ratios), ("--schedule", cfg.schedule), ("--true-sequential", cfg.true_sequential)):
-        if value:
-            raise LlmpruneError(f"{flag} does not apply to --pattern {cfg.pattern}: transformers' configs need one "
-                                "size for all layers, so the ratio is uniform")
-
-
 def plan(cfg: PruneConfig, source: Source, device: torch.device, recipe: dict, progress: bool = True,
          influence: list[float] | None = None) -> Shrink:
     """Everything fixed before writing: units, counts, the output config (checked against
@@ -321,7 +321,6 @@ def plan(cfg: PruneConfig, source: Source, device: torch.device, recipe: dict, p
 
 
 def _calibrated_activations(cfg: PruneConfig, source: Source, device: torch.device, recipe: dict) -> Activations:
-    from .pipeline import calibration, calibration_batch, calibration_store
 
     store = calibration_store(cfg, source, device)
     outer, ids = calibration(cfg, source, device, store)

@@ -23,11 +23,15 @@ from pathlib import Path
 import torch
 
 from . import criteria, plots
+from .calibrate import calibration_ids
 from .config import SweepConfig
 from .data import resolve_source
-from .evaluate import evaluate, load_windows
-from .pipeline import calibration_ids, check_output, open_source, peak_rss_mb, prune, temp_output, versions
+from .output import check_output, temp_output
+from .perplexity import evaluate, load_windows
 from .progress import track
+from .pruning import prune
+from .recipe import peak_rss_mb, versions
+from .source import open_source
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from llmprune.evaluate import evaluate, load_windows, model_folder
+from llmprune.perplexity import evaluate, load_windows
+from llmprune.source import model_folder
 
 
 def plain_loop(folder: Path, windows: torch.Tensor, device: torch.device, dtype: torch.dtype) -> float:

@@ -63,7 +63,7 @@ def perplexity(folder: str, out: Path, args: argparse.Namespace, log: list[dict]
 
 def same_masks(pruned: Path, tuned: Path) -> dict:
     """Whether every prunable matrix has its zeros exactly where the pruned model has them."""
-    from llmprune.pipeline import open_source
+    from llmprune.source import open_source
 
     a, b = open_source(str(pruned)), open_source(str(tuned))
     matrices = zeros = differ = 0

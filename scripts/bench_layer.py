@@ -22,8 +22,8 @@ from transformers import AutoConfig
 
 from llmprune import criteria
 from llmprune.arch import layout_of
-from llmprune.calibrate import CalibratedPruneStep
-from llmprune.config import resolve_device
+from llmprune.steps import CalibratedPruneStep
+from llmprune.devices import resolve_device
 from llmprune.masks import Pattern
 from llmprune.stream import Activations, Layer
 
@@ -54,12 +54,12 @@ def main() -> None:
         tensors = {f"model.layers.0.{n}": t.to(device) for n, t in state.items()}
         ids = torch.randint(0, 256, (args.nsamples, args.seqlen), generator=gen)
         # Real embeddings of random ids give the layer realistic argument shapes (mask, rotary).
-        from llmprune.arch import Outer
+        from llmprune.arch import ModelWithoutLayers
 
         embed = {"model.embed_tokens.weight": torch.randn(256, shapes["hidden_size"], generator=gen).to(torch.bfloat16),
                  "model.norm.weight": torch.ones(shapes["hidden_size"], dtype=torch.bfloat16),
                  "lm_head.weight": torch.randn(256, shapes["hidden_size"], generator=gen).to(torch.bfloat16)}
-        outer = Outer(layout, embed.__getitem__, device)
+        outer = ModelWithoutLayers(layout, embed.__getitem__, device)
         store = device if device.type == "cuda" else torch.device("cpu")
         acts = Activations(outer, ids, 8, store)
         targets = {name: 0.5 for _, name in layout.linear_names(0)}

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quality import CALIB, CALIB_FLAGS, perplexity  # noqa: E402
 
 from llmprune import data, ratios  # noqa: E402
-from llmprune.pipeline import open_source, prunable_matrices  # noqa: E402
+from llmprune.source import open_source, prunable_matrices  # noqa: E402
 
 
 def validation_folder(work: Path, speeches: int) -> Path:

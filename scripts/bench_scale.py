@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from llmprune.arch import layout_of  # noqa: E402
-from llmprune.checkpoint import ShardWriter, TensorSpec  # noqa: E402
+from llmprune.checkpoint import TensorSpec  # noqa: E402
+from llmprune.shards import ShardWriter  # noqa: E402
 
 SHAPES_70B = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8)
 SHAPES_SMALL = dict(hidden_size=512, intermediate_size=1792, num_attention_heads=16, num_key_value_heads=2)

@@ -26,7 +26,8 @@ import torch
 from transformers import AutoConfig
 
 from llmprune.arch import build_skeleton
-from llmprune.checkpoint import ShardWriter, TensorSpec
+from llmprune.checkpoint import TensorSpec
+from llmprune.shards import ShardWriter
 
 SHAPES = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
               vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)

@@ -120,8 +120,8 @@ def measure_model(name: str, src: Path, work: Path, args: argparse.Namespace, ro
 
 
 def perplexities(rows: list[dict], src: Path, work: Path, args: argparse.Namespace) -> dict:
-    from llmprune.evaluate import evaluate, load_windows
-    from llmprune.finetune import finetune
+    from llmprune.perplexity import evaluate, load_windows
+    from llmprune.finetuning import finetune
 
     windows = load_windows(str(src), "sotu", args.eval_seqlen, args.eval_windows)
     ppl = lambda folder: round(evaluate(str(folder), windows=windows, device="cpu", progress=False).perplexity, 3)

@@ -8,11 +8,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import FAMILIES, run_cli
-from llmprune.arch import Outer
+from llmprune.arch import ModelWithoutLayers
 from llmprune.calibrate import collect_stats, input_groups
 from llmprune.criteria import sparsegpt, wanda
 from llmprune.masks import is_n_m
-from llmprune.pipeline import open_source
+from llmprune.source import open_source
 from llmprune.stream import Activations, layers
 
 def _prune(src, out, *args):
@@ -24,7 +24,7 @@ def test_stream_reproduces_full_model_logits(tiny_models, family):
     """Before pruning, layer-by-layer propagation gives the full model's logits."""
     src = open_source(str(tiny_models[family]))
     ids = torch.randint(0, 128, (3, 24), generator=torch.Generator().manual_seed(0))
-    outer = Outer(src.layout, src.checkpoint.read, torch.device("cpu"))
+    outer = ModelWithoutLayers(src.layout, src.checkpoint.read, torch.device("cpu"))
     acts = Activations(outer, ids, 2, torch.device("cpu"))
     for layer in layers(src.checkpoint, src.layout, torch.device("cpu"), progress=False):
         acts.advance(layer.module(), layer.index)
@@ -39,7 +39,7 @@ def test_saved_activations_load_into_another_chunking(tiny_models, tmp_path):
     """A run resumed on a device that chunks differently regroups the saved states window by window."""
     src = open_source(str(tiny_models["llama"]))
     ids = torch.randint(0, 128, (5, 16), generator=torch.Generator().manual_seed(0))
-    outer = Outer(src.layout, src.checkpoint.read, torch.device("cpu"))
+    outer = ModelWithoutLayers(src.layout, src.checkpoint.read, torch.device("cpu"))
     saved = Activations(outer, ids, 2, torch.device("cpu"))
     for layer in layers(src.checkpoint, src.layout, torch.device("cpu"), progress=False):
         saved.advance(layer.module(), layer.index)
@@ -91,7 +91,7 @@ def test_true_sequential_groups_by_shared_input(tiny_models, repeat):
     not by address: a freed input's memory reused by the next linear's input must not merge them."""
     src = open_source(str(tiny_models["llama"]))
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(repeat))
-    acts = Activations(Outer(src.layout, src.checkpoint.read, torch.device("cpu")), ids, 2, torch.device("cpu"))
+    acts = Activations(ModelWithoutLayers(src.layout, src.checkpoint.read, torch.device("cpu")), ids, 2, torch.device("cpu"))
     layer = next(layers(src.checkpoint, src.layout, torch.device("cpu"), progress=False))
     module = layer.module()
     linears = {name: (lin, module.get_submodule(lin.name)) for lin, name in layer.linears()}
@@ -144,7 +144,7 @@ def test_linears_reading_one_input_share_their_statistics(tiny_models, criterion
     """q/k/v and gate/up get one statistics object each, equal to what each alone would accumulate."""
     src = open_source(str(tiny_models["llama"]))
     ids = torch.randint(0, 128, (5, 16), generator=torch.Generator().manual_seed(0))
-    outer = Outer(src.layout, src.checkpoint.read, torch.device("cpu"))
+    outer = ModelWithoutLayers(src.layout, src.checkpoint.read, torch.device("cpu"))
     acts = Activations(outer, ids, 2, torch.device("cpu"))  # three chunks: sharing checked on each
     layer = next(iter(layers(src.checkpoint, src.layout, torch.device("cpu"), progress=False)))
     module = layer.module()

@@ -5,7 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llmprune.checkpoint import Checkpoint, ShardWriter, TensorSpec, parse_size, resolve
+from llmprune.checkpoint import Checkpoint, TensorSpec, resolve
+from llmprune.devices import parse_size
+from llmprune.shards import ShardWriter
 from llmprune.errors import LlmpruneError
 
 

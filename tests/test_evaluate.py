@@ -1,4 +1,4 @@
-"""Perplexity evaluation (llmprune.evaluate): the protocol, whole vs streamed, the CLI, bad input."""
+"""Perplexity evaluation (llmprune.perplexity): the protocol, whole vs streamed, the CLI, bad input."""
 
 from __future__ import annotations
 
@@ -21,11 +21,12 @@ from llmprune.checkpoint import Checkpoint
 from llmprune.cli import main
 from llmprune.config import EvalConfig
 from llmprune.errors import LlmpruneError
-from llmprune.evaluate import EvalResult, choose_stream, evaluate, load_windows, nll_sum
+from llmprune.perplexity import EvalResult, evaluate, load_windows, nll_sum
+from llmprune.sizing import choose_stream
 
 SMOL_VOCAB = 49152
-# `llmprune.evaluate` is the API function; the module itself, for monkeypatching:
-EVAL_MODULE = importlib.import_module("llmprune.evaluate")
+# the module itself, for monkeypatching:
+EVAL_MODULE = importlib.import_module("llmprune.perplexity")
 
 
 def reference_ppl(folder: Path, windows: torch.Tensor) -> float:

@@ -20,9 +20,11 @@ from conftest import expect_error as conftest_expect_error
 from llmprune.arch import find_layers
 from llmprune.config import FinetuneConfig
 from llmprune.errors import LlmpruneError
-from llmprune.finetune import Masks, cast_keeping_mask, finetune, lr_factor
+from llmprune.finetuning import finetune
+from llmprune.finetuning.masking import Masks, cast_keeping_mask
+from llmprune.finetuning.optim import lr_factor
 from llmprune.masks import is_n_m
-from llmprune.pipeline import open_source
+from llmprune.source import open_source
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     out = {}

@@ -129,7 +129,7 @@ def test_sparse_output_is_an_input_like_any_other(saved, tmp_path):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_evaluation_of_a_sparse_save_equals_the_dense_save(saved, stream):
-    from llmprune.evaluate import evaluate
+    from llmprune.perplexity import evaluate
 
     windows = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     ppl = {fmt: evaluate(str(saved["llama", fmt]), windows=windows, stream=stream, device="cpu", dtype="float32",

@@ -7,7 +7,7 @@ import torch
 
 from conftest import png_size, run_cli
 from llmprune.checkpoint import Checkpoint
-from llmprune.inspect import inspect, render
+from llmprune.inspection import inspect, render
 
 
 @pytest.fixture(scope="module")

@@ -10,31 +10,31 @@ import pytest
 import torch
 
 from conftest import run_cli, tree_hash
-from llmprune import memory
+from llmprune import devices, sizing
 from llmprune.errors import LlmpruneError
-from llmprune.memory import LayerNeeds
+from llmprune.sizing import LayerNeeds
 
 GB = 10**9
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_parse_budget():
-    assert memory.parse_budget("20GB") == {"": 20 * GB}
-    assert memory.parse_budget("cpu=8GB, cuda=1.5GB") == {"cpu": 8 * GB, "cuda": 1_500_000_000}
-    assert memory.parse_budget(None) == {}
-    budget = memory.parse_budget("cpu=8GB,cuda:1=2GB,4GB")
-    assert memory.budget_for(budget, torch.device("cuda:1")) == 2 * GB
-    assert memory.budget_for(budget, torch.device("cuda:0")) == 4 * GB
-    assert memory.budget_for(budget, torch.device("cpu")) == 8 * GB
+    assert devices.parse_budget("20GB") == {"": 20 * GB}
+    assert devices.parse_budget("cpu=8GB, cuda=1.5GB") == {"cpu": 8 * GB, "cuda": 1_500_000_000}
+    assert devices.parse_budget(None) == {}
+    budget = devices.parse_budget("cpu=8GB,cuda:1=2GB,4GB")
+    assert devices.budget_for(budget, torch.device("cuda:1")) == 2 * GB
+    assert devices.budget_for(budget, torch.device("cuda:0")) == 4 * GB
+    assert devices.budget_for(budget, torch.device("cpu")) == 8 * GB
     for bad, message in (("lots", "cannot read size"), ("gpu=3GB", "unknown device"), ("cpu=0", "not a positive")):
         with pytest.raises(LlmpruneError, match=message):
-            memory.parse_budget(bad)
+            devices.parse_budget(bad)
 
 
 @pytest.fixture
 def no_system_limit(monkeypatch):
     """Decisions from the budget alone (and a CUDA device that need not exist)."""
-    monkeypatch.setattr(memory, "available_memory", lambda device: None)
+    monkeypatch.setattr(devices, "available_memory", lambda device: None)
 
 
 NEEDS = LayerNeeds(weights=1 * GB, stats=GB // 2, transient=GB // 4, states=2 * GB)
@@ -46,13 +46,13 @@ NEEDS = LayerNeeds(weights=1 * GB, stats=GB // 2, transient=GB // 4, states=2 * 
     ("cpu=3.75GB", "disk"),  # one layer's buffers exactly
 ])
 def test_cpu_store(no_system_limit, tmp_path, budget, store):
-    got = memory.activation_store(NEEDS, torch.device("cpu"), memory.parse_budget(budget), tmp_path / "spill")
+    got = sizing.activation_store(NEEDS, torch.device("cpu"), devices.parse_budget(budget), tmp_path / "spill")
     assert got == (torch.device("cpu") if store == "cpu" else tmp_path / "spill")
 
 
 def test_cpu_refusal_names_the_numbers(no_system_limit, tmp_path):
     with pytest.raises(LlmpruneError) as info:
-        memory.activation_store(NEEDS, torch.device("cpu"), memory.parse_budget("3.7GB"), tmp_path)
+        sizing.activation_store(NEEDS, torch.device("cpu"), devices.parse_budget("3.7GB"), tmp_path)
     assert str(info.value) == ("--max-memory: one decoder layer needs 3.75 GB on cpu (0.50 GB of statistics + "
                                "0.25 GB for one calibration chunk + 3.00 GB for 3 layers in flight), more than the "
                                "3.70 GB allowed")
@@ -64,13 +64,13 @@ def test_cpu_refusal_names_the_numbers(no_system_limit, tmp_path):
     ("cuda=3GB,cpu=4GB", "disk"),
 ])
 def test_gpu_store(no_system_limit, tmp_path, budget, store):
-    got = memory.activation_store(NEEDS, torch.device("cuda"), memory.parse_budget(budget), tmp_path)
+    got = sizing.activation_store(NEEDS, torch.device("cuda"), devices.parse_budget(budget), tmp_path)
     assert got == {"cuda": torch.device("cuda"), "cpu": torch.device("cpu"), "disk": tmp_path}[store]
 
 
 def test_gpu_refusal(no_system_limit, tmp_path):
     with pytest.raises(LlmpruneError, match=r"needs 2.75 GB on cuda .* more than the 2.50 GB allowed"):
-        memory.activation_store(NEEDS, torch.device("cuda"), memory.parse_budget("cuda=2.5GB"), tmp_path)
+        sizing.activation_store(NEEDS, torch.device("cuda"), devices.parse_budget("cuda=2.5GB"), tmp_path)
 
 
 def one_line_error(capsys, code):
@@ -94,7 +94,7 @@ def test_every_mode_refuses_a_budget_below_one_layer(tiny_with_tokenizer, calib_
 
 
 def test_eval_streams_when_the_budget_is_below_the_model(tiny_with_tokenizer, calib_text, tmp_path):
-    from llmprune.evaluate import evaluate, load_windows
+    from llmprune.perplexity import evaluate, load_windows
 
     windows = load_windows(str(tiny_with_tokenizer), str(calib_text), 16, 2)
     whole = evaluate(str(tiny_with_tokenizer), windows=windows, progress=False)
@@ -105,7 +105,8 @@ def test_eval_streams_when_the_budget_is_below_the_model(tiny_with_tokenizer, ca
 
 def test_states_spilled_to_disk_give_the_same_model_and_resume(tiny_with_tokenizer, calib_text, tmp_path, caplog):
     from llmprune.config import PruneConfig
-    from llmprune.pipeline import layer_needs, open_source
+    from llmprune.sizing import layer_needs
+    from llmprune.source import open_source
 
     out = tmp_path / "out"
     args = [tiny_with_tokenizer, "--method", "wanda", "--sparsity", "0.5", "--calib-data", calib_text, "--nsamples",

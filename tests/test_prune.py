@@ -138,7 +138,7 @@ def test_model_card_parses(tiny_models, tmp_path):
 def test_eval_measures_input_and_output_on_the_same_windows(tiny_with_tokenizer, calib_text, tmp_path, capsys):
     from huggingface_hub import ModelCard
 
-    from llmprune.evaluate import evaluate, load_windows
+    from llmprune.perplexity import evaluate, load_windows
 
     out = tmp_path / "out"
     capsys.readouterr()

@@ -10,8 +10,9 @@ from transformers import AutoModelForCausalLM
 from conftest import png_size, run_cli
 from llmprune import ratios
 from llmprune.config import SensitivityConfig
-from llmprune.evaluate import evaluate, load_windows
-from llmprune.pipeline import calibration_ids, open_source, prunable_matrices
+from llmprune.perplexity import evaluate, load_windows
+from llmprune.calibrate import calibration_ids
+from llmprune.source import open_source, prunable_matrices
 
 CALIB = ("--nsamples", "2", "--seqlen", "32")
 

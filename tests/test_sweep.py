@@ -6,7 +6,7 @@ import pytest
 
 from conftest import png_size, run_cli
 from llmprune import data
-from llmprune.evaluate import evaluate, load_windows
+from llmprune.perplexity import evaluate, load_windows
 
 CALIB = ("--nsamples", "2", "--seqlen", "32")
 

@@ -20,6 +20,7 @@ from .arch import as_out_in
 from .errors import LlmpruneError
 from .masks import Pattern, is_n_m
 from .progress import table, track
+from .source import open_source
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,6 @@ def recipe_summary(folder: Path) -> dict | None:
 def inspect(model: str, revision: str | None = None, n_m: str | tuple[str, ...] = DEFAULT_N_M,
             progress: bool = True) -> Report:
     """Stream ``model`` (folder, Hub id or ``packaged:smollm2``) and report what its checkpoint holds."""
-    from .pipeline import open_source
 
     patterns = parse_n_m(n_m)
     source = open_source(model, revision)

@@ -14,7 +14,7 @@ The NLL is summed in float32 per batch (float64 across batches) from logits comp
 Two modes give the same number up to float rounding:
 
 * whole: ``from_pretrained`` then batches of windows through the model's forward.
-* streamed: the model is never whole in memory. Embeddings and head (``arch.Outer``) stay
+* streamed: the model is never whole in memory. Embeddings and head (``arch.ModelWithoutLayers``) stay
   resident; each decoder layer is read from the shards once and every window passes through it
   before the next layer is read. Hidden states (n, T, C) wait on the device when they take at
   most half its free memory, else in CPU memory. Memory is O(one layer + activations).
@@ -33,32 +33,29 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
+from transformers import PretrainedConfig
 
 from . import data as data_sources
+from .arch import ModelWithoutLayers, context_length, load_config, load_whole
 from .checkpoint import Checkpoint
-from .config import DTYPES, EvalConfig, resolve_device
-from .errors import LlmpruneError
-from .memory import available_memory, limit, parse_budget, require
+from .config import EvalConfig
+from .devices import DTYPES, available_memory, limit, parse_budget, resolve_device
+from .errors import LlmpruneError, one_line
 from .progress import track
+from .recipe import versions
+from .sizing import _parking, check_budget, choose_stream, weight_bytes
+from .source import Source, load_tokenizer, model_folder, open_source
+from .stream import Activations, layers
 
 # The model machinery (transformers, arch, pipeline) is imported inside the functions that use it:
 # llmprune/__init__.py imports this module eagerly (see there), and `import llmprune` should not
 # pull in transformers.
-if TYPE_CHECKING:
-    from types import ModuleType
-
-    from transformers import PretrainedConfig, PreTrainedTokenizerBase
-
-    from .pipeline import Source
-
 log = logging.getLogger(__name__)
 
-WHOLE_MODEL_SHARE = 0.7  # whole-model mode when the weights fit in this share of available memory
-HIDDEN_ON_DEVICE_SHARE = 0.5  # streamed: hidden states stay on the device within this share of free memory
 LOGITS_CHUNK_BYTES = 256 * 2**20  # float32 logits upcast at once by the NLL, per chunk of positions
 BATCH_LOGITS_BYTES = 2 * 2**30  # auto batch size on GPU: a batch's (B, T, V) logits stay under this
 MAX_AUTO_BATCH = 16
@@ -99,7 +96,6 @@ def load_windows(model: str | os.PathLike, data: str = "auto", seqlen: int = 204
     Pass the result to ``evaluate(..., windows=)`` to measure several models (dense, pruned) on the
     very same tokens.
     """
-    from .arch import load_config
 
     folder = model_folder(str(model), revision)
     check_seqlen(load_config(str(folder)), seqlen)
@@ -112,27 +108,9 @@ def _tokenised_windows(folder: Path, data: str, seqlen: int, max_windows: int | 
     return data_sources.eval_windows(tokenizer, data, seqlen, max_windows)
 
 
-def model_folder(model: str, revision: str | None = None) -> Path:
-    """The local folder of a folder path, a Hub id or ``packaged:smollm2``."""
-    from .checkpoint import resolve
-    from .packaged import resolve_packaged
-
-    return resolve_packaged(model) or resolve(model, revision)[0]
-
-
-def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(folder))
-    except Exception as err:  # missing files, bad JSON, unknown class: all mean "no usable tokenizer"
-        raise LlmpruneError(f"cannot load a tokenizer from {folder}: {_one_line(err)}") from None
-
-
 def check_seqlen(config: PretrainedConfig, seqlen: int) -> None:
     if seqlen < 2:
         raise LlmpruneError(f"--seqlen must be at least 2 (a window predicts seqlen - 1 tokens), got {seqlen}")
-    from .arch import context_length
 
     context = context_length(config)
     if context is not None and seqlen > context:
@@ -172,13 +150,6 @@ def nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def choose_stream(weight_bytes: int, available_bytes: int | None) -> bool:
-    """Stream when the weights take more than WHOLE_MODEL_SHARE of the available memory."""
-    if available_bytes is None:
-        return False
-    return weight_bytes > WHOLE_MODEL_SHARE * available_bytes
-
-
 def default_dtype(device: torch.device, checkpoint: Checkpoint) -> torch.dtype:
     """float32 on the CPU (16-bit matmuls there are slow and coarse); on a GPU the checkpoint's
     16-bit dtype, or bfloat16 (float16 without bf16 support) for a float32 checkpoint."""
@@ -191,16 +162,6 @@ def default_dtype(device: torch.device, checkpoint: Checkpoint) -> torch.dtype:
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return torch.float16
     return torch.bfloat16
-
-
-def weight_bytes(checkpoint: Checkpoint, dtype: torch.dtype) -> int:
-    """Size of the checkpoint's tensors once floating ones are cast to ``dtype``."""
-    size = torch.empty((), dtype=dtype).element_size()
-    total = 0
-    for name in checkpoint.names:
-        spec = checkpoint.spec(name)
-        total += spec.nbytes // spec.dtype.itemsize * size if spec.dtype.is_floating_point else spec.nbytes
-    return total
 
 
 def auto_batch_size(device: torch.device, seqlen: int, vocab_size: int) -> int:
@@ -223,7 +184,6 @@ def evaluate(model: str | os.PathLike | torch.nn.Module, data: str = "auto", seq
     """
     if isinstance(model, torch.nn.Module):
         return _evaluate_loaded(model, data, seqlen, windows, max_windows, batch_size, progress)
-    from .pipeline import open_source
 
     start = time.perf_counter()
     if windows is None:
@@ -302,14 +262,13 @@ def _whole_nll(source: Source, windows: torch.Tensor, batch: int, device: torch.
 
 def load_model(source: Source, device: torch.device, dtype: torch.dtype, progress: bool = True) -> torch.nn.Module:
     """The whole model of ``source`` on ``device`` in eval mode, read tensor by tensor under a "load" bar."""
-    from .arch import load_whole
 
     try:
         return load_whole(source.layout, source.checkpoint.read, device, dtype, progress)
     except LlmpruneError:
         raise
     except Exception as err:  # unsupported architecture, out of memory, ...
-        raise LlmpruneError(f"cannot load the model in {source.folder}: {_one_line(err)}") from None
+        raise LlmpruneError(f"cannot load the model in {source.folder}: {one_line(err)}") from None
 
 
 @torch.inference_mode()
@@ -325,32 +284,12 @@ def _forward_nll(model: torch.nn.Module, windows: torch.Tensor, batch: int, devi
     return total.cpu()
 
 
-@torch.inference_mode()
-def check_budget(source: Source, stream: bool, batch: int, seqlen: int, device: torch.device, dtype: torch.dtype,
-                 budget: dict[str, int]) -> None:
-    """Refuse up front when the chosen mode cannot fit ``--max-memory``."""
-    from .stream import group_names
-
-    logits = batch * seqlen * source.layout.config.vocab_size * 4
-    if not stream:
-        require("whole-model evaluation", {"of weights": weight_bytes(source.checkpoint, dtype), "of logits": logits},
-                device, budget)
-        return
-    size = torch.empty((), dtype=dtype).element_size()
-    per_layer = group_names(source.checkpoint, source.layout)[1]
-    layer = max((sum(source.checkpoint.spec(n).nbytes // source.checkpoint.spec(n).dtype.itemsize * size
-                     for n in names) for names in per_layer), default=0)
-    require("streamed evaluation", {"for 2 layers in flight": 2 * layer, "of logits": logits}, device, budget)
-
-
 def _streamed_nll(source: Source, windows: torch.Tensor, batch: int, device: torch.device, dtype: torch.dtype,
                   progress: bool) -> torch.Tensor:
     """Every batch through layer i, then i + 1, ... on the layer stream; each layer read once."""
-    from .arch import Outer
-    from .stream import Activations, layers
 
     layout, checkpoint = source.layout, source.checkpoint
-    outer = Outer(layout, checkpoint.read, device, dtype)
+    outer = ModelWithoutLayers(layout, checkpoint.read, device, dtype)
     # Hidden states of every window wait between layers on the device when they fit, else on the CPU.
     park = _parking(device, windows.numel() * layout.config.hidden_size * dtype.itemsize)
     acts = Activations(outer, windows, batch, park)
@@ -365,13 +304,6 @@ def _streamed_nll(source: Source, windows: torch.Tensor, batch: int, device: tor
     return total.cpu()
 
 
-def _parking(device: torch.device, needed: int) -> torch.device:
-    """Where ``needed`` bytes of hidden states wait between layers: the device when they fit its share, else the CPU."""
-    if device.type != "cuda":
-        return device
-    return device if needed <= HIDDEN_ON_DEVICE_SHARE * torch.cuda.mem_get_info(device)[0] else torch.device("cpu")
-
-
 def _as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -382,11 +314,6 @@ def _as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(f"{type(err).__name__}: {err}".split())
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 # --------------------------------------------------------------------------------------------
@@ -409,7 +336,7 @@ def run_tasks(folder: Path, tasks: tuple[str, ...], device: torch.device, dtype:
         out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype={_dtype_name(dtype)}",
                                       tasks=list(tasks), device=str(device), batch_size=batch_size)
     except Exception as err:  # unknown task, task data not downloadable offline, ...
-        raise LlmpruneError(f"zero-shot tasks {','.join(tasks)} failed: {_one_line(err)}") from None
+        raise LlmpruneError(f"zero-shot tasks {','.join(tasks)} failed: {one_line(err)}") from None
     if not out or "results" not in out:
         raise LlmpruneError(f"zero-shot tasks {','.join(tasks)} returned no results")
     return {task: {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -436,7 +363,6 @@ def run(cfg: EvalConfig, command: str | None = None, progress: bool = True) -> E
 
 
 def write_json(result: EvalResult, cfg: EvalConfig, command: str | None, path: Path) -> None:
-    from .pipeline import versions
 
     report = {"format": "llmprune-eval/1", "command": command, **result.to_dict(), "config": cfg.to_dict(),
               "versions": versions()}

@@ -10,12 +10,10 @@ calibration states themselves.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .checkpoint import parse_size
 from .errors import LlmpruneError
 
 log = logging.getLogger(__name__)
@@ -86,39 +84,27 @@ def require(what: str, parts: dict[str, int], device: torch.device, budget: dict
                             f"more than the {allowed / GB:.2f} GB allowed")
 
 
-@dataclass(frozen=True)
-class LayerNeeds:
-    """The big buffers of one calibrated layer step, in bytes."""
+def parse_size(text: str) -> int:
+    """'5GB' / '500MB' / '1GiB' / '123' -> bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    s = text.strip().upper()
+    digits = s.rstrip("KMGTIB")
+    try:
+        return int(float(digits) * units[s[len(digits):]])
+    except (KeyError, ValueError):
+        raise LlmpruneError(f"cannot read size {text!r}: expected e.g. 5GB or 500MB") from None
 
-    weights: int  # the largest decoder layer
-    stats: int  # criterion statistics for all its linears (SparseGPT's Hessians dominate)
-    transient: int  # one calibration chunk through the layer (MLP intermediates, attention)
-    states: int  # the calibration hidden states entering a layer, all windows
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-def activation_store(needs: LayerNeeds, device: torch.device, budget: dict[str, int],
-                     spill: Path) -> torch.device | Path:
-    """Where calibration states live: the device, the CPU, or files in ``spill``.
-
-    Refuses when one layer (weights in flight, statistics, one chunk) cannot fit even with the
-    states elsewhere. The engine holds up to three layers in CPU memory (read ahead, processed,
-    being written) and two on the device; ``advance`` keeps old and new states at once.
-    """
-    cpu = torch.device("cpu")
-    on_device = {"for 2 layers in flight": 2 * needs.weights, "of statistics": needs.stats,
-                 "for one calibration chunk": needs.transient}
-    if device.type != "cpu":
-        require("one decoder layer", on_device, device, budget)
-        room = limit(device, budget)
-        if room is not None and sum(on_device.values()) + 2 * needs.states <= room:
-            return device
-        in_cpu = {"for 3 layers in flight": 3 * needs.weights}
-    else:
-        in_cpu = {**on_device, "for 3 layers in flight": 3 * needs.weights}
-        in_cpu.pop("for 2 layers in flight")
-    require("one decoder layer", in_cpu, cpu, budget)
-    room = limit(cpu, budget)
-    if room is None or sum(in_cpu.values()) + 2 * needs.states <= room:
-        return cpu
-    log.info("calibration states (%.2f GB) do not fit in memory: kept on disk in %s", needs.states / GB, spill)
-    return spill
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the first CUDA device when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LlmpruneError(f"--device {name}: no CUDA device is available")
+    return device

@@ -1,0 +1,210 @@
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from . import sparse
+from .source import Source
+
+
+def base_model_id(model: str, source: Source) -> str | None:
+    """The Hub id the output derives from, when there is one."""
+    if model.startswith("packaged:"):
+        return source.info.get("base_model") or "HuggingFaceTB/SmolLM2-135M-Instruct"
+    if "commit" in source.info:
+        return model
+    meta = input_card_metadata(source.folder).get("base_model")
+    return meta if isinstance(meta, str) and HUB_ID.match(meta) else None
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def input_card_metadata(folder: Path) -> dict:
+    """YAML front matter of the input's own README.md, if it has one."""
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return {}
+    text = readme.read_text(errors="replace")
+    match = re.match(r"^---\s*\n(.*?)\n---\s*\n", text, re.S)
+    if not match:
+        return {}
+    try:
+        data = yaml.safe_load(match.group(1))
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _layer_table(recipe: dict) -> str:
+    rows = ["| layer | sparsity |", "|---:|---:|"]
+    for i, s in enumerate(recipe["sparsity"]["layers"]):
+        rows.append(f"| {i} | {s:.2%} |")
+    return "\n".join(rows)
+
+
+def _chart_link(recipe: dict) -> list[str]:
+    """The per-layer sparsity chart saved beside the model, when the run drew one."""
+    chart = recipe.get("plots", {}).get("sparsity")
+    return [f"![Sparsity per decoder layer]({chart})", ""] if chart else []
+
+
+def _eval_section(recipe: dict) -> list[str]:
+    """Dense vs pruned perplexity, when the run measured it."""
+    ev = recipe.get("eval")
+    if not ev or "pruned" not in ev:
+        return []
+    tuned = recipe.get("finetune", {}).get("eval", {}).get("after")
+    return [
+        "## Perplexity",
+        "",
+        f"On `{ev['data']}`, {ev['windows']} windows of {ev['seqlen']} tokens (lower is better):",
+        "",
+        "| model | perplexity |",
+        "|---|---:|",
+        f"| dense (input) | {ev['dense']['perplexity']:.3f} |",
+        f"| pruned{'' if tuned else ' (this model)'} | {ev['pruned']['perplexity']:.3f} |",
+        *([f"| pruned and fine-tuned (this model) | {tuned['perplexity']:.3f} |"] if tuned else []),
+        f"| ratio pruned / dense | {ev['ratio']:.3f} |",
+        "",
+    ]
+
+
+def finetune_section(recipe: dict) -> list[str]:
+    """What the mask-preserving fine-tune did, when there was one."""
+    ft = recipe.get("finetune")
+    if not ft:
+        return []
+    loss = ft.get("loss", {})
+    lines = [
+        "## Fine-tune",
+        "",
+        f"{ft['mode']} mode, {ft['config']['steps']} steps{' per layer' if ft['mode'] == 'blockwise' else ''} on "
+        f"{ft['data']} ({ft['windows']} windows of {ft['seqlen']} tokens), {ft['config']['optim']}, "
+        f"lr {ft['config']['lr']}; every pruned weight stayed exactly zero "
+        f"({recipe['sparsity']['overall']:.4%} of the pruned matrices).",
+    ]
+    if "first" in loss:
+        lines.append(f"Training loss {loss['start_mean']:.4f} -> {loss['end_mean']:.4f}.")
+    if "eval" in ft:
+        ev = ft["eval"]
+        lines.append(f"Perplexity on {ev['data']} ({ev['windows']} x {ev['seqlen']} tokens): "
+                     f"{ev['before']['perplexity']:.3f} -> {ev['after']['perplexity']:.3f}.")
+    return [*lines, ""]
+
+
+def _save_format(recipe: dict) -> str:
+    return (recipe.get("save") or {}).get("format", "dense")
+
+
+def _storage_sentence(recipe: dict) -> str:
+    save = recipe.get("save") or {}
+    if _save_format(recipe) != sparse.FORMAT:
+        return "It loads with plain `AutoModelForCausalLM.from_pretrained`; the zeros are stored densely."
+    return (f"The weights are stored in llmprune's compressed `{sparse.FORMAT}` format: "
+            f"{save['bytes'] / 1e6:.1f} MB instead of {save['dense_bytes'] / 1e6:.1f} MB dense.")
+
+
+def _loading_section(recipe: dict) -> list[str]:
+    """How to load a sparse-bitmask output (nothing to say for a dense one)."""
+    if _save_format(recipe) != sparse.FORMAT:
+        return []
+    return [
+        "## Loading",
+        "",
+        "Every path below gives weights bit-identical to the dense save (`pip install llmprune`):",
+        "",
+        "```python",
+        "import llmprune  # registers the format with transformers",
+        "from transformers import AutoModelForCausalLM",
+        "model = AutoModelForCausalLM.from_pretrained(REPO_OR_FOLDER)  # an ordinary dense model",
+        "model = llmprune.load(FOLDER)  # the same, without transformers' quantizer hooks",
+        "```",
+        "",
+        "For runtimes that do not import llmprune (vLLM, llama.cpp converters, TGI), write a dense "
+        "Hugging Face checkpoint first: `llmprune decompress FOLDER DENSE_FOLDER`.",
+        "",
+    ]
+
+
+def _intro(recipe: dict, source: str, link: str, overall: float) -> list[str]:
+    cfg = recipe["config"]
+    by = f"[llmprune](https://pypi.org/project/llmprune/) ({cfg['method']}, {cfg['pattern']})"
+    st = recipe.get("structured")
+    if st:
+        p = st["parameters"]
+        return [f"# {source} with {cfg['pattern']} pruned ({1 - p['after'] / p['before']:.1%} fewer parameters)", "",
+                f"This model is {link} with {st['ratio']:.0%} of its {cfg['pattern']} removed by {by}, ranked by "
+                f"{st['importance']}: a smaller dense model, {p['before']:,} -> {p['after']:,} parameters. "
+                "It loads with plain `AutoModelForCausalLM.from_pretrained`."]
+    return [f"# {source} pruned to {overall:.1%} sparsity", "",
+            f"This model is {link} with {overall:.1%} of the weights of its decoder layers' linear layers set to "
+            f"zero by {by}. " + _storage_sentence(recipe)]
+
+
+def model_card(recipe: dict, base_model: str | None, input_meta: dict) -> str:
+    """README.md for an output folder: Hub metadata, the recipe, per-layer sparsity, the command."""
+    cfg = recipe["config"]
+    meta: dict = {}
+    if base_model:
+        meta["base_model"] = base_model
+    meta["library_name"] = "transformers"
+    meta["pipeline_tag"] = "text-generation"
+    if input_meta.get("license"):
+        meta["license"] = input_meta["license"]
+    if input_meta.get("language"):
+        meta["language"] = input_meta["language"]
+    meta["tags"] = ["pruned", "sparse", "llmprune", cfg["method"]]
+    if _save_format(recipe) == sparse.FORMAT:
+        meta["tags"].append(sparse.FORMAT)
+    front = yaml.safe_dump(meta, sort_keys=False).strip()
+    overall = recipe["sparsity"]["overall"]
+    source = base_model or recipe["input"]["model"]
+    link = f"[{source}]({'https://huggingface.co/' + source if base_model else source})"
+    lines = [
+        f"---\n{front}\n---",
+        *_intro(recipe, source, link, overall),
+        "",
+        *_loading_section(recipe),
+        "## Recipe",
+        "",
+        "| option | value |",
+        "|---|---|",
+    ]
+    for key in ("method", "pattern", "norm", "sparsity", "ratios", "schedule", "dtype", "true_sequential"):
+        if cfg.get(key) is not None:
+            lines.append(f"| {key} | {cfg[key]} |")
+    if "calibration" in recipe:
+        c = recipe["calibration"]
+        lines.append(f"| calibration | {c['nsamples']} x {c['seqlen']} tokens of {c['data']}, seed {c['seed']} |")
+    lines += [
+        f"| matrices pruned | {recipe['sparsity']['matrices_pruned']} |",
+        f"| overall sparsity (pruned matrices) | {overall:.4%} |",
+        "",
+        *_eval_section(recipe),
+        *finetune_section(recipe),
+        "## Sparsity per decoder layer",
+        "",
+        *_chart_link(recipe),
+        _layer_table(recipe),
+        "",
+        "## Reproduce",
+        "",
+        "```",
+        recipe.get("command") or "",
+        "```",
+        "",
+        f"llmprune {recipe['versions']['llmprune']}, torch {recipe['versions']['torch']}, "
+        f"transformers {recipe['versions']['transformers']}. The full recipe is in `llmprune.json`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def finetune_card(folder: Path, recipe: dict) -> str:
+    """The input's card (when it has one) with a fine-tune section and the command appended."""
+    base = (folder / "README.md").read_text(errors="replace").rstrip() + "\n" if (folder / "README.md").is_file() \
+        else f"# {recipe['input'].get('model', folder.name)}, fine-tuned keeping its sparsity\n"
+    return base + "\n".join(["", *finetune_section(recipe), "```", recipe["finetune"].get("command") or "", "```", ""])

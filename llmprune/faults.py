@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+log = logging.getLogger(__name__)
+def fault_point(label: str, kill: bool = True) -> bool:
+    """Testing hook: with LLMPRUNE_FAULT_AT=label the process is SIGKILLed here (no cleanup runs).
+
+    ``kill=False`` only asks whether the fault is armed at ``label``.
+    """
+    armed = os.environ.get("LLMPRUNE_FAULT_AT") == label
+    if armed and kill:
+        log.warning("fault injected at %s: killing the process", label)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return armed

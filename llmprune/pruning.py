@@ -1,0 +1,215 @@
+"""A pruning run from start to finish: resolve, plan, stream, write the folder, record the recipe.
+
+All writing happens in a hidden temporary sibling of the output folder that is renamed into place
+only when everything is written and flushed, so a crash never leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import resume, sparse, structured
+from .card import base_model_id, input_card_metadata, model_card
+from .checkpoint import TensorSpec
+from .config import PruneConfig
+from .devices import parse_budget, resolve_device
+from .errors import LlmpruneError
+from .faults import fault_point
+from .finetuning.run import finetune
+from .output import check_output, copy_aux_files, replace_folder
+from .perplexity import evaluate, load_windows
+from .plots import sparsity_chart
+from .recipe import peak_rss_mb, save_summary, sparsity_summary, versions
+from .shards import make_writer
+from .sizing import activation_store, layer_needs
+from .source import Source, group_names, open_source
+from .steps import make_step, plan_sparsity
+from .stream import Activations, output_specs, run
+
+log = logging.getLogger(__name__)
+
+
+def default_output(cfg: PruneConfig) -> Path:
+    stem = Path(cfg.model.rstrip("/")).name.replace("packaged:", "")
+    label = cfg.pattern.replace(":", "of") if cfg.pattern != "unstructured" else f"{round(cfg.sparsity * 100)}"
+    if cfg.parsed_pattern.structured:
+        label = f"{cfg.pattern}{round(cfg.sparsity * 100)}"
+    return Path(f"{stem}-{cfg.method}-{label}")
+
+
+def evaluation_windows(cfg: PruneConfig, source: Source) -> torch.Tensor:
+
+    return load_windows(str(source.folder), cfg.eval, cfg.eval_seqlen, cfg.eval_max_windows)
+
+
+def perplexity(folder: Path, windows: torch.Tensor, cfg: PruneConfig, progress: bool) -> dict:
+
+    result = evaluate(str(folder), cfg.eval, windows=windows, device=cfg.device, progress=progress,
+                      max_memory=cfg.max_memory)
+    return {"perplexity": result.perplexity, "mode": result.mode, "seconds": round(result.seconds, 2)}
+
+
+def stream_into(tmp: Path, cfg: PruneConfig, source: Source, step, acts: Activations | None,
+                journal: resume.Journal, device: torch.device, progress: bool, specs: list[TensorSpec],
+                compressed: dict[str, float], output_name: Callable[[TensorSpec], str | None] | None = None) -> None:
+    """Write the pruned shards into ``tmp``, continuing after the journal's last completed layer.
+
+    ``output_name`` maps an input tensor to its output name, or None when a structured step drops
+    it (default: the same name).
+    """
+    outside, per_layer = group_names(source.checkpoint, source.layout)
+
+    def written(names: list[str]) -> list[str]:
+        if output_name is None:
+            return names
+        return [out for n in names if (out := output_name(source.checkpoint.spec(n))) is not None]
+
+    outside_out, per_layer_out = written(outside), [written(names) for names in per_layer]
+    done = journal.layers_done
+    writer = make_writer(tmp, specs, compressed, cfg.max_shard_size, (journal.writer or {}) if done else None)
+    try:
+        if done:
+            journal.verify(writer, next((names for names in reversed(per_layer_out[:done]) if names), outside_out))
+            writer.mark_written(outside_out + [n for names in per_layer_out[:done] for n in names])
+            journal.restore(step)
+            if acts is not None:
+                acts.load(journal.state_dir / journal.acts)
+        run(source.checkpoint, source.layout, step, writer, device, cfg.torch_dtype, desc="prune", progress=progress,
+            start=done, on_layer=journal.on_layer(writer, per_layer, outside_out, step, acts, per_layer_out))
+        writer.close()
+    finally:
+        writer.abort()
+    fault_point("finalize")
+
+
+def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True,
+          calib_ids: torch.Tensor | None = None) -> dict:
+    """Run ``cfg`` end to end; returns the recipe that is also written as llmprune.json.
+
+    ``calib_ids``: calibration windows tokenised earlier (``calibration_ids``), for runs that share them.
+    An interrupted run of the same options beside the output is continued (see ``resume``).
+    """
+    start = time.perf_counter()
+    source = open_source(cfg.model, cfg.revision, cfg.stream_from_hub)
+    output = Path(cfg.output) if cfg.output else default_output(cfg)
+    check_output(output, source.folder, cfg.overwrite)
+    targets = plan_sparsity(cfg, source)
+    device = resolve_device(cfg.device)
+    key = resume.run_key(cfg.to_dict(), source.checkpoint.fingerprint(), versions())
+    spill = resume.partial_folder(output, key) / resume.STATE / "spill"
+    store = activation_store(layer_needs(cfg, source), device, parse_budget(cfg.max_memory), spill)
+    journal = resume.open_partial(output, key, cfg.resume)
+    tmp, keep = journal.folder, False
+    recipe: dict = {"format": "llmprune/1"}
+    try:
+        windows = evaluation_windows(cfg, source) if cfg.eval else None
+        if windows is not None:
+            if "eval_dense" not in journal.pre:
+                journal.remember("eval_dense", perplexity(source.folder, windows, cfg, progress))
+            recipe["eval"] = {"data": cfg.eval, "seqlen": windows.shape[1], "windows": windows.shape[0],
+                              "dense": journal.pre["eval_dense"]}
+        shrink, acts = None, None
+        if cfg.parsed_pattern.structured:
+            before = journal.pre.get("influence")  # a resumed layers run keeps its block influence
+            if before is not None:
+                recipe["calibration"] = before["calibration"]
+            step = shrink = structured.plan(cfg, source, device, recipe, progress, before and before["scores"])
+            if shrink.influence is not None and before is None:
+                journal.remember("influence", {"scores": shrink.influence, "calibration": recipe["calibration"]})
+            acts = shrink.acts
+        else:
+            step, acts = make_step(cfg, source, device, store, targets, journal, recipe, progress, calib_ids)
+        if shrink is None:
+            targets = step.targets  # OWL's, when it chose them
+        if journal.layers_done:
+            recipe["resumed_after_layers"] = journal.layers_done
+        specs = output_specs(source.checkpoint, source.layout, cfg.torch_dtype)
+        if shrink is not None:
+            specs_in, specs = specs, shrink.specs(specs)
+        compressed = {n: t for n, t in targets.items() if t > 0} if cfg.save_format == sparse.FORMAT else {}
+        stream_into(tmp, cfg, source, step, acts, journal, device, progress, specs, compressed,
+                    output_name=shrink and shrink.output_name)
+        copy_aux_files(source.folder, tmp, source.layout.config, cfg.torch_dtype, list(compressed))
+        if shrink is not None:
+            shrink.write_config(tmp)
+        if windows is not None:
+            pruned = perplexity(tmp, windows, cfg, progress)
+            recipe["eval"]["pruned"] = pruned
+            recipe["eval"]["ratio"] = pruned["perplexity"] / recipe["eval"]["dense"]["perplexity"]
+        recipe.update({
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": command,
+            "input": {**source.info, "shards": source.checkpoint.fingerprint()},
+            "config": cfg.to_dict(),
+            "versions": versions(),
+            "device": str(device),
+            "sparsity": sparsity_summary(source, targets, step.zeros),
+            "save": save_summary(tmp, cfg.save_format, specs),
+        })
+        if shrink is not None:
+            recipe["structured"] = shrink.summary(specs_in, specs)
+        recipe["wall_time_s"] = round(time.perf_counter() - start, 3)
+        recipe["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        if device.type == "cuda":
+            recipe["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        recipe["plots"] = sparsity_chart(recipe, tmp)
+        (tmp / "llmprune.json").write_text(json.dumps(recipe, indent=2) + "\n")
+        if cfg.finetune is not None and cfg.finetune.steps > 0:
+            # The journal stays until the end: a run killed while fine-tuning resumes after its last
+            # pruned layer and goes on with the fine-tune (block-wise: after its last journalled layer).
+            fault_point("finetune")
+            recipe = finetune_pruned(cfg, tmp, output, source, command, progress)
+            (tmp / "llmprune.json").write_text(json.dumps(recipe, indent=2) + "\n")
+        base = base_model_id(cfg.model, source)
+        (tmp / "README.md").write_text(model_card(recipe, base, input_card_metadata(source.folder)))
+        journal.finish()
+        replace_folder(tmp, output)
+    except KeyboardInterrupt:
+        keep = True
+        log.warning("interrupted after %d layers: rerun the same command to resume (%s)", journal.layers_done, tmp)
+        raise
+    except OSError as err:
+        raise LlmpruneError(f"writing {output} failed: {err.strerror or err}") from None
+    finally:
+        source.checkpoint.close()
+        if not keep and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    recipe["output"] = str(output)
+    log.info("wrote %s", output)
+    return recipe
+
+
+def finetune_pruned(cfg: PruneConfig, tmp: Path, output: Path, source: Source, command: str | None,
+                    progress: bool) -> dict:
+    """Fine-tune the pruned model in ``tmp`` in place (its zeros kept); returns the merged recipe.
+
+    Training text defaults to the calibration source, block-wise targets to this run's input, and the
+    evaluation (when asked for) reuses the pruned model's perplexity on the same windows.
+    """
+    from dataclasses import replace
+
+    # This run holds the journal's lock on ``tmp``: what a killed fine-tune left beside it without a
+    # journal to resume from (an old copy being replaced) is removed.
+    for stale in tmp.parent.glob(f".{tmp.name}.*"):
+        if not (stale / resume.STATE / "journal.json").is_file():
+            log.info("removing %s, left by an interrupted fine-tune", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+    ft = replace(cfg.finetune, model=str(tmp), output=str(tmp), overwrite=True, device=cfg.device, dtype=cfg.dtype,
+                 max_shard_size=cfg.max_shard_size, data=cfg.finetune.data or cfg.calib_data,
+                 dense=cfg.finetune.dense or str(source.folder), eval=cfg.eval, eval_seqlen=cfg.eval_seqlen,
+                 eval_max_windows=cfg.eval_max_windows)
+    recipe = finetune(ft, command=command, progress=progress)
+    recipe.pop("output", None)
+    recipe["finetune"]["config"].update(model=str(output), output=str(output))
+    recipe["finetune"]["input"] = {"model": "the pruned model of this run"}
+    return recipe
+
+
