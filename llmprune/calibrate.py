@@ -1,3 +1,8 @@
+"""Calibration: the token windows, the model without its layers that turns them into the first
+layer's inputs, and the statistics each linear's criterion gathers from its inputs as the states
+pass through a layer.
+"""
+
 from __future__ import annotations
 
 import logging
@@ -11,7 +16,7 @@ from . import data
 from .arch import Linear, ModelWithoutLayers, as_out_in
 from .config import PruneConfig
 from .errors import LlmpruneError
-from .source import Source, calibration_seqlen
+from .source import Source, capped_seqlen
 from .stream import Activations
 
 log = logging.getLogger(__name__)
@@ -91,11 +96,7 @@ def collect_stats(criterion: ModuleType, module: nn.Module, index: int, acts: Ac
 
 def calibration_ids(cfg: PruneConfig, source: Source) -> torch.Tensor:
     """The calibration token windows (nsamples, seqlen), seqlen capped by the model's context."""
-    from transformers import AutoTokenizer
-
-
-    tokenizer = AutoTokenizer.from_pretrained(source.folder)
-    return data.calibration_samples(tokenizer, cfg.calib_data, cfg.nsamples, calibration_seqlen(cfg, source), cfg.seed)
+    return data.calibration_samples(source.tokenizer(), cfg.calib_data, cfg.nsamples, capped_seqlen(source, cfg.seqlen), cfg.seed)
 
 
 def calibration(cfg: PruneConfig, source: Source, device: torch.device, store: torch.device | Path,

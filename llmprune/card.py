@@ -1,3 +1,7 @@
+"""The model card (README.md) of an output: Hub metadata, the recipe, perplexity, per-layer
+sparsity, how to load it and the command that reproduces it.
+"""
+
 from __future__ import annotations
 
 import re

@@ -1,3 +1,7 @@
+"""Fault injection for the kill-and-resume tests: a labelled point where the process can be made
+to die as a power cut would.
+"""
+
 from __future__ import annotations
 
 import logging

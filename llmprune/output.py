@@ -1,3 +1,8 @@
+"""The output folder as one transaction: refuse an overlapping or non-empty output, write into a
+hidden temporary sibling, rename it into place only when complete, and copy the input's small
+files (tokenizer, generation config) beside the weights.
+"""
+
 from __future__ import annotations
 
 import json
@@ -98,3 +103,8 @@ def copy_aux_files(src: Path, dst: Path, model_config: PretrainedConfig, dtype: 
     (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if not (dst / "generation_config.json").exists():
         GenerationConfig.from_model_config(model_config).save_pretrained(dst)
+
+
+def default_output(model: str, label: str) -> Path:
+    """``./<model name>-<label>`` for a folder, a Hub id or a packaged name."""
+    return Path(f"{Path(model.rstrip('/')).name.replace('packaged:', '')}-{label}")

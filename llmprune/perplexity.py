@@ -33,6 +33,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from types import ModuleType
 
 import torch
@@ -47,13 +48,13 @@ from .devices import DTYPES, available_memory, limit, parse_budget, resolve_devi
 from .errors import LlmpruneError, one_line
 from .progress import track
 from .recipe import versions
-from .sizing import _parking, check_budget, choose_stream, weight_bytes
+from .sizing import check_budget, choose_stream, parking, weight_bytes
 from .source import Source, load_tokenizer, model_folder, open_source
 from .stream import Activations, layers
 
-# The model machinery (transformers, arch, pipeline) is imported inside the functions that use it:
-# llmprune/__init__.py imports this module eagerly (see there), and `import llmprune` should not
-# pull in transformers.
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 log = logging.getLogger(__name__)
 
 LOGITS_CHUNK_BYTES = 256 * 2**20  # float32 logits upcast at once by the NLL, per chunk of positions
@@ -99,11 +100,18 @@ def load_windows(model: str | os.PathLike, data: str = "auto", seqlen: int = 204
 
     folder = model_folder(str(model), revision)
     check_seqlen(load_config(str(folder)), seqlen)
-    return _tokenised_windows(folder, data, seqlen, max_windows)
+    return _tokenised_windows(load_tokenizer(folder), data, seqlen, max_windows)
 
 
-def _tokenised_windows(folder: Path, data: str, seqlen: int, max_windows: int | None) -> torch.LongTensor:
-    tokenizer = load_tokenizer(folder)
+def source_windows(source: Source, data: str = "auto", seqlen: int = 2048,
+                   max_windows: int | None = None) -> torch.LongTensor:
+    """``load_windows`` for an input already open (its tokenizer loaded once for the whole run)."""
+    check_seqlen(source.layout.config, seqlen)
+    return _tokenised_windows(source.tokenizer(), data, seqlen, max_windows)
+
+
+def _tokenised_windows(tokenizer: PreTrainedTokenizerBase, data: str, seqlen: int,
+                       max_windows: int | None) -> torch.LongTensor:
     log.info("tokenising the %s evaluation split", data)
     return data_sources.eval_windows(tokenizer, data, seqlen, max_windows)
 
@@ -193,7 +201,7 @@ def evaluate(model: str | os.PathLike | torch.nn.Module, data: str = "auto", seq
         config = source.layout.config
         if windows is None:
             check_seqlen(config, seqlen)
-            windows = _tokenised_windows(source.folder, data, seqlen, max_windows)
+            windows = _tokenised_windows(source.tokenizer(), data, seqlen, max_windows)
         else:
             check_seqlen(config, windows.shape[-1])
         windows = check_windows(windows, getattr(config, "vocab_size", None))
@@ -229,7 +237,7 @@ def _evaluate_loaded(model: torch.nn.Module, data: str, seqlen: int, windows: to
             raise LlmpruneError("pass windows= (from load_windows) for a model that was not loaded from a folder")
         data = data_sources.resolve_source(data)
         check_seqlen(config, seqlen)
-        windows = _tokenised_windows(Path(folder), data, seqlen, max_windows)
+        windows = _tokenised_windows(load_tokenizer(Path(folder)), data, seqlen, max_windows)
     else:
         check_seqlen(config, windows.shape[-1])
     windows = check_windows(windows, getattr(config, "vocab_size", None))
@@ -291,7 +299,7 @@ def _streamed_nll(source: Source, windows: torch.Tensor, batch: int, device: tor
     layout, checkpoint = source.layout, source.checkpoint
     outer = ModelWithoutLayers(layout, checkpoint.read, device, dtype)
     # Hidden states of every window wait between layers on the device when they fit, else on the CPU.
-    park = _parking(device, windows.numel() * layout.config.hidden_size * dtype.itemsize)
+    park = parking(device, windows.numel() * layout.config.hidden_size * dtype.itemsize)
     acts = Activations(outer, windows, batch, park)
     for layer in layers(checkpoint, layout, device, dtype, desc="eval (streamed)", progress=progress):
         acts.advance(layer.module(), layer.index)

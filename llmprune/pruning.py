@@ -6,10 +6,10 @@ only when everything is written and flushed, so a crash never leaves a folder th
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -24,37 +24,71 @@ from .devices import parse_budget, resolve_device
 from .errors import LlmpruneError
 from .faults import fault_point
 from .finetuning.run import finetune
-from .output import check_output, copy_aux_files, replace_folder
-from .perplexity import evaluate, load_windows
+from .output import check_output, copy_aux_files, default_output, replace_folder
+from .perplexity import evaluate, source_windows
 from .plots import sparsity_chart
-from .recipe import peak_rss_mb, save_summary, sparsity_summary, versions
+from .recipe import Recipe, peak_rss_mb, save_summary, sparsity_summary, versions
 from .shards import make_writer
 from .sizing import activation_store, layer_needs
 from .source import Source, group_names, open_source
 from .steps import make_step, plan_sparsity
-from .stream import Activations, output_specs, run
+from .stream import Activations, Step, output_specs, run
 
 log = logging.getLogger(__name__)
 
 
-def default_output(cfg: PruneConfig) -> Path:
-    stem = Path(cfg.model.rstrip("/")).name.replace("packaged:", "")
-    label = cfg.pattern.replace(":", "of") if cfg.pattern != "unstructured" else f"{round(cfg.sparsity * 100)}"
+def output_label(cfg: PruneConfig) -> str:
+    """The default output's suffix: method and sparsity, N:M or structured pattern."""
     if cfg.parsed_pattern.structured:
-        label = f"{cfg.pattern}{round(cfg.sparsity * 100)}"
-    return Path(f"{stem}-{cfg.method}-{label}")
-
-
-def evaluation_windows(cfg: PruneConfig, source: Source) -> torch.Tensor:
-
-    return load_windows(str(source.folder), cfg.eval, cfg.eval_seqlen, cfg.eval_max_windows)
+        return f"{cfg.method}-{cfg.pattern}{round(cfg.sparsity * 100)}"
+    if cfg.pattern != "unstructured":
+        return f"{cfg.method}-{cfg.pattern.replace(':', 'of')}"
+    return f"{cfg.method}-{round(cfg.sparsity * 100)}"
 
 
 def perplexity(folder: Path, windows: torch.Tensor, cfg: PruneConfig, progress: bool) -> dict:
-
     result = evaluate(str(folder), cfg.eval, windows=windows, device=cfg.device, progress=progress,
                       max_memory=cfg.max_memory)
     return {"perplexity": result.perplexity, "mode": result.mode, "seconds": round(result.seconds, 2)}
+
+
+@dataclass
+class Plan:
+    """What streams: the engine step, its calibration states (when it has any), the per-matrix
+    targets it prunes to, and for a structured pattern the shrinking step itself."""
+
+    step: Step
+    acts: Activations | None
+    targets: dict[str, float]
+    shrink: structured.Shrink | None = None
+
+
+def plan_step(cfg: PruneConfig, source: Source, device: torch.device, targets: dict[str, float],
+              journal: resume.Journal, recipe: Recipe, progress: bool, calib_ids: torch.Tensor | None) -> Plan:
+    """The step for ``cfg``; results computed before the stream (OWL ratios, block influence) come
+    from the journal when a resumed run has them."""
+    if not cfg.parsed_pattern.structured:
+        spill = journal.state_dir / "spill"
+        store = activation_store(layer_needs(cfg, source), device, parse_budget(cfg.max_memory), spill)
+        step, acts, calibrated = make_step(cfg, source, device, store, targets, journal, progress, calib_ids)
+        recipe.calibration = calibration_section(cfg, calibrated)
+        if cfg.ratios == "owl":
+            recipe.owl = {"m": cfg.owl_m, "lambda": cfg.owl_lambda,
+                          "outlier_ratios": journal.before.owl["outlier_ratios"]}
+        return Plan(step, acts, step.targets)  # OWL's targets, when it chose them
+    before = journal.before.influence  # a resumed layers run keeps its block influence
+    shrink = structured.plan(cfg, source, device, progress, before and before["scores"])
+    recipe.calibration = before["calibration"] if before is not None else calibration_section(cfg, shrink.calibration)
+    if shrink.influence is not None and before is None:
+        journal.remember(influence={"scores": shrink.influence, "calibration": recipe.calibration})
+    return Plan(shrink, shrink.acts, targets, shrink)
+
+
+def calibration_section(cfg: PruneConfig, windows: tuple[int, int] | None) -> dict | None:
+    """llmprune.json's "calibration": the source and the (windows, tokens) actually used, or None."""
+    if windows is None:
+        return None
+    return {"data": cfg.calib_data, "nsamples": windows[0], "seqlen": windows[1], "seed": cfg.seed}
 
 
 def stream_into(tmp: Path, cfg: PruneConfig, source: Source, step, acts: Activations | None,
@@ -81,7 +115,7 @@ def stream_into(tmp: Path, cfg: PruneConfig, source: Source, step, acts: Activat
             writer.mark_written(outside_out + [n for names in per_layer_out[:done] for n in names])
             journal.restore(step)
             if acts is not None:
-                acts.load(journal.state_dir / journal.acts)
+                acts.load(journal.state_dir / journal.states_folder)
         run(source.checkpoint, source.layout, step, writer, device, cfg.torch_dtype, desc="prune", progress=progress,
             start=done, on_layer=journal.on_layer(writer, per_layer, outside_out, step, acts, per_layer_out))
         writer.close()
@@ -99,77 +133,32 @@ def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True,
     """
     start = time.perf_counter()
     source = open_source(cfg.model, cfg.revision, cfg.stream_from_hub)
-    output = Path(cfg.output) if cfg.output else default_output(cfg)
+    output = Path(cfg.output) if cfg.output else default_output(cfg.model, output_label(cfg))
     check_output(output, source.folder, cfg.overwrite)
     targets = plan_sparsity(cfg, source)
     device = resolve_device(cfg.device)
-    key = resume.run_key(cfg.to_dict(), source.checkpoint.fingerprint(), versions())
-    spill = resume.partial_folder(output, key) / resume.STATE / "spill"
-    store = activation_store(layer_needs(cfg, source), device, parse_budget(cfg.max_memory), spill)
-    journal = resume.open_partial(output, key, cfg.resume)
-    tmp, keep = journal.folder, False
-    recipe: dict = {"format": "llmprune/1"}
+    journal = resume.open_partial(output, resume.run_key(cfg.to_dict(), source.checkpoint.fingerprint(), versions()),
+                                  cfg.resume)
+    tmp, keep, recipe = journal.folder, False, Recipe()
     try:
-        windows = evaluation_windows(cfg, source) if cfg.eval else None
-        if windows is not None:
-            if "eval_dense" not in journal.pre:
-                journal.remember("eval_dense", perplexity(source.folder, windows, cfg, progress))
-            recipe["eval"] = {"data": cfg.eval, "seqlen": windows.shape[1], "windows": windows.shape[0],
-                              "dense": journal.pre["eval_dense"]}
-        shrink, acts = None, None
-        if cfg.parsed_pattern.structured:
-            before = journal.pre.get("influence")  # a resumed layers run keeps its block influence
-            if before is not None:
-                recipe["calibration"] = before["calibration"]
-            step = shrink = structured.plan(cfg, source, device, recipe, progress, before and before["scores"])
-            if shrink.influence is not None and before is None:
-                journal.remember("influence", {"scores": shrink.influence, "calibration": recipe["calibration"]})
-            acts = shrink.acts
-        else:
-            step, acts = make_step(cfg, source, device, store, targets, journal, recipe, progress, calib_ids)
-        if shrink is None:
-            targets = step.targets  # OWL's, when it chose them
+        windows = evaluation_windows(cfg, source, journal, recipe, progress)
+        plan = plan_step(cfg, source, device, targets, journal, recipe, progress, calib_ids)
         if journal.layers_done:
-            recipe["resumed_after_layers"] = journal.layers_done
-        specs = output_specs(source.checkpoint, source.layout, cfg.torch_dtype)
-        if shrink is not None:
-            specs_in, specs = specs, shrink.specs(specs)
-        compressed = {n: t for n, t in targets.items() if t > 0} if cfg.save_format == sparse.FORMAT else {}
-        stream_into(tmp, cfg, source, step, acts, journal, device, progress, specs, compressed,
-                    output_name=shrink and shrink.output_name)
-        copy_aux_files(source.folder, tmp, source.layout.config, cfg.torch_dtype, list(compressed))
-        if shrink is not None:
-            shrink.write_config(tmp)
+            recipe.resumed_after_layers = journal.layers_done
+        specs = write_model(tmp, cfg, source, plan, journal, device, progress)
         if windows is not None:
-            pruned = perplexity(tmp, windows, cfg, progress)
-            recipe["eval"]["pruned"] = pruned
-            recipe["eval"]["ratio"] = pruned["perplexity"] / recipe["eval"]["dense"]["perplexity"]
-        recipe.update({
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": command,
-            "input": {**source.info, "shards": source.checkpoint.fingerprint()},
-            "config": cfg.to_dict(),
-            "versions": versions(),
-            "device": str(device),
-            "sparsity": sparsity_summary(source, targets, step.zeros),
-            "save": save_summary(tmp, cfg.save_format, specs),
-        })
-        if shrink is not None:
-            recipe["structured"] = shrink.summary(specs_in, specs)
-        recipe["wall_time_s"] = round(time.perf_counter() - start, 3)
-        recipe["peak_rss_mb"] = round(peak_rss_mb(), 1)
-        if device.type == "cuda":
-            recipe["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-        recipe["plots"] = sparsity_chart(recipe, tmp)
-        (tmp / "llmprune.json").write_text(json.dumps(recipe, indent=2) + "\n")
+            recipe.eval["pruned"] = perplexity(tmp, windows, cfg, progress)
+            recipe.eval["ratio"] = recipe.eval["pruned"]["perplexity"] / recipe.eval["dense"]["perplexity"]
+        record_run(recipe, cfg, source, plan, specs, tmp, device, command, start)
+        recipe.write(tmp)
         if cfg.finetune is not None and cfg.finetune.steps > 0:
             # The journal stays until the end: a run killed while fine-tuning resumes after its last
             # pruned layer and goes on with the fine-tune (block-wise: after its last journalled layer).
             fault_point("finetune")
             recipe = finetune_pruned(cfg, tmp, output, source, command, progress)
-            (tmp / "llmprune.json").write_text(json.dumps(recipe, indent=2) + "\n")
+            recipe.write(tmp)
         base = base_model_id(cfg.model, source)
-        (tmp / "README.md").write_text(model_card(recipe, base, input_card_metadata(source.folder)))
+        (tmp / "README.md").write_text(model_card(recipe.to_dict(), base, input_card_metadata(source.folder)))
         journal.finish()
         replace_folder(tmp, output)
     except KeyboardInterrupt:
@@ -182,20 +171,67 @@ def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True,
         source.checkpoint.close()
         if not keep and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    recipe["output"] = str(output)
     log.info("wrote %s", output)
-    return recipe
+    return {**recipe.to_dict(), "output": str(output)}
+
+
+def evaluation_windows(cfg: PruneConfig, source: Source, journal: resume.Journal, recipe: Recipe,
+                       progress: bool) -> torch.Tensor | None:
+    """With --eval: the evaluation windows, and the input's perplexity on them in ``recipe.eval``."""
+    if not cfg.eval:
+        return None
+    windows = source_windows(source, cfg.eval, cfg.eval_seqlen, cfg.eval_max_windows)
+    if journal.before.eval_dense is None:
+        journal.remember(eval_dense=perplexity(source.folder, windows, cfg, progress))
+    recipe.eval = {"data": cfg.eval, "seqlen": windows.shape[1], "windows": windows.shape[0],
+                   "dense": journal.before.eval_dense}
+    return windows
+
+
+def write_model(tmp: Path, cfg: PruneConfig, source: Source, plan: Plan, journal: resume.Journal,
+                device: torch.device, progress: bool) -> list[TensorSpec]:
+    """Stream the pruned weights into ``tmp`` with the input's small files and config; returns the
+    written tensors' specs."""
+    specs = output_specs(source.checkpoint, source.layout, cfg.torch_dtype)
+    if plan.shrink is not None:
+        specs = plan.shrink.specs(specs)
+    compressed = {n: t for n, t in plan.targets.items() if t > 0} if cfg.save_format == sparse.FORMAT else {}
+    stream_into(tmp, cfg, source, plan.step, plan.acts, journal, device, progress, specs, compressed,
+                output_name=plan.shrink and plan.shrink.output_name)
+    copy_aux_files(source.folder, tmp, source.layout.config, cfg.torch_dtype, list(compressed))
+    if plan.shrink is not None:
+        plan.shrink.write_config(tmp)
+    return specs
+
+
+def record_run(recipe: Recipe, cfg: PruneConfig, source: Source, plan: Plan, specs: list[TensorSpec], tmp: Path,
+               device: torch.device, command: str | None, start: float) -> None:
+    """Everything llmprune.json says about the run beyond what the steps recorded."""
+    recipe.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    recipe.command = command
+    recipe.input = {**source.info, "shards": source.checkpoint.fingerprint()}
+    recipe.config = cfg.to_dict()
+    recipe.versions = versions()
+    recipe.device = str(device)
+    recipe.sparsity = sparsity_summary(source, plan.targets, plan.step.zeros)
+    recipe.save = save_summary(tmp, cfg.save_format, specs)
+    if plan.shrink is not None:
+        recipe.structured = plan.shrink.summary(output_specs(source.checkpoint, source.layout, cfg.torch_dtype),
+                                                specs)
+    recipe.wall_time_s = round(time.perf_counter() - start, 3)
+    recipe.peak_rss_mb = round(peak_rss_mb(), 1)
+    if device.type == "cuda":
+        recipe.peak_gpu_mb = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    recipe.plots = sparsity_chart(recipe.to_dict(), tmp)
 
 
 def finetune_pruned(cfg: PruneConfig, tmp: Path, output: Path, source: Source, command: str | None,
-                    progress: bool) -> dict:
+                    progress: bool) -> Recipe:
     """Fine-tune the pruned model in ``tmp`` in place (its zeros kept); returns the merged recipe.
 
     Training text defaults to the calibration source, block-wise targets to this run's input, and the
     evaluation (when asked for) reuses the pruned model's perplexity on the same windows.
     """
-    from dataclasses import replace
-
     # This run holds the journal's lock on ``tmp``: what a killed fine-tune left beside it without a
     # journal to resume from (an old copy being replaced) is removed.
     for stale in tmp.parent.glob(f".{tmp.name}.*"):
@@ -206,10 +242,10 @@ def finetune_pruned(cfg: PruneConfig, tmp: Path, output: Path, source: Source, c
                  max_shard_size=cfg.max_shard_size, data=cfg.finetune.data or cfg.calib_data,
                  dense=cfg.finetune.dense or str(source.folder), eval=cfg.eval, eval_seqlen=cfg.eval_seqlen,
                  eval_max_windows=cfg.eval_max_windows)
-    recipe = finetune(ft, command=command, progress=progress)
-    recipe.pop("output", None)
-    recipe["finetune"]["config"].update(model=str(output), output=str(output))
-    recipe["finetune"]["input"] = {"model": "the pruned model of this run"}
+    recipe = Recipe.from_dict(finetune(ft, command=command, progress=progress))
+    recipe.extra.pop("output", None)
+    recipe.finetune["config"].update(model=str(output), output=str(output))
+    recipe.finetune["input"] = {"model": "the pruned model of this run"}
     return recipe
 
 

@@ -1,7 +1,13 @@
+"""The recipe a run records as llmprune.json, as a typed object, and the measurements it holds:
+package versions, peak memory, the achieved sparsity of every matrix, how the weights were saved.
+"""
+
 from __future__ import annotations
 
+import json
 import platform
 import resource
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -42,3 +48,50 @@ def sparsity_summary(source: Source, targets: dict[str, float], zeros: dict[str,
         "layers": [n / d if d else 0.0 for n, d in zip(per_layer_num, per_layer_den)],
         "matrices": per_matrix,
     }
+
+
+@dataclass
+class Recipe:
+    """llmprune.json. Fields are its keys, in the order they are written; a None field is left out.
+
+    Sections stay plain JSON objects (dicts), written by the step that measures them: ``eval``
+    (dense, pruned and ratio), ``calibration``, ``owl``, ``input`` (id, revision, shards), ``config``
+    (every option), ``sparsity`` (``sparsity_summary``), ``save`` (``save_summary``), ``structured``
+    (config changes, units removed), ``finetune`` (the fine-tune's own options and results).
+    Keys this version does not know, from another version's file, are kept in ``extra`` and
+    written back after the known ones.
+    """
+
+    format: str = "llmprune/1"
+    eval: dict | None = None
+    calibration: dict | None = None
+    owl: dict | None = None
+    resumed_after_layers: int | None = None
+    created: str | None = None
+    command: str | None = None
+    input: dict | None = None
+    config: dict | None = None
+    versions: dict | None = None
+    device: str | None = None
+    sparsity: dict | None = None
+    save: dict | None = None
+    structured: dict | None = None
+    wall_time_s: float | None = None
+    peak_rss_mb: float | None = None
+    peak_gpu_mb: float | None = None
+    plots: dict | None = None
+    finetune: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**{k: v for k, v in out.items() if v is not None}, **self.extra}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Recipe:
+        known = {f.name for f in fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in data.items() if k in known},
+                   extra={k: v for k, v in data.items() if k not in known})
+
+    def write(self, folder: Path) -> None:
+        (folder / "llmprune.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")

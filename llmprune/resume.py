@@ -21,9 +21,9 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol, runtime_checkable
 
 from .errors import LlmpruneError
 from .faults import fault_point
@@ -65,6 +65,32 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+@runtime_checkable
+class ResumableStep(Protocol):
+    """A step with per-layer decisions that a resumed run replays instead of recomputing (the units a
+    structured step removed, a block-wise fine-tune's report line); the state is JSON-serialisable."""
+
+    def layer_state(self, index: int) -> object: ...
+
+    def restore_layer_state(self, index: int, state: object) -> None: ...
+
+
+@runtime_checkable
+class AppendingWriter(Protocol):
+    """A writer whose files grow as it writes (sparse-bitmask): its end offsets go into the journal."""
+
+    def state(self) -> dict: ...
+
+
+@dataclass
+class BeforeStream:
+    """Results computed before the layer stream, kept so that a resumed run need not redo them."""
+
+    eval_dense: dict | None = None  # the input's perplexity on the evaluation windows
+    owl: dict | None = None  # OWL: per-matrix "targets" and per-layer "outlier_ratios"
+    influence: dict | None = None  # --pattern layers: block influence "scores" and the "calibration" used
+
+
 @dataclass
 class Journal:
     """What an interrupted run completed, kept durable in ``folder/.resume``."""
@@ -74,8 +100,8 @@ class Journal:
     layers_done: int = 0
     digests: dict[str, str] = field(default_factory=dict)  # tensor name -> sha256 of its written bytes
     zeros: dict[str, int] = field(default_factory=dict)
-    acts: str | None = None  # folder (in .resume) of the activations leaving the last completed layer
-    pre: dict = field(default_factory=dict)  # results computed before the stream (OWL ratios, dense eval)
+    states_folder: str | None = None  # folder (in .resume) of the calibration states leaving the last layer
+    before: BeforeStream = field(default_factory=BeforeStream)
     steps: dict = field(default_factory=dict)  # str(layer) -> what the step decided there (structured units)
     writer: dict | None = None  # the state of a writer that appends (compressed output) after the last layer
     _lock: int | None = field(default=None, repr=False)
@@ -86,13 +112,13 @@ class Journal:
 
     def save(self) -> None:
         data = {"key": self.key, "layers_done": self.layers_done, "digests": self.digests, "zeros": self.zeros,
-                "acts": self.acts, "pre": self.pre, "steps": self.steps,
+                "states_folder": self.states_folder, "before": asdict(self.before), "steps": self.steps,
                 "writer": self.writer}
         _atomic_write(self.state_dir / "journal.json", json.dumps(data))
 
-    def remember(self, name: str, value) -> None:
-        """Keep a result computed before the stream so that a resumed run need not redo it."""
-        self.pre[name] = value
+    def remember(self, **results) -> None:
+        """Keep results computed before the stream (fields of ``BeforeStream``) durably."""
+        self.before = replace(self.before, **results)
         self.save()
 
     def lock(self) -> None:
@@ -121,10 +147,11 @@ class Journal:
     def restore(self, step) -> None:
         """Give a resumed run's step what it decided in the completed layers."""
         step.zeros.update(self.zeros)
-        for index, state in self.steps.items():
-            step.restore_layer_state(int(index), state)
+        if isinstance(step, ResumableStep):
+            for index, state in self.steps.items():
+                step.restore_layer_state(int(index), state)
 
-    def on_layer(self, writer: ShardWriter | SparseShardWriter, names: list[list[str]], outside: list[str], step, acts,
+    def on_layer(self, writer: ShardWriter | SparseShardWriter, names: list[list[str]], outside: list[str], step, states,
                  written: list[list[str]] | None = None) -> Callable:
         """The engine hook: after layer i is written, flush, hash, save activations, commit.
 
@@ -134,9 +161,9 @@ class Journal:
         written = names if written is None else written
 
         def capture(index: int) -> Callable[[], None]:
-            snapshot = acts.snapshot() if acts is not None else None
+            snapshot = states.snapshot() if states is not None else None
             zeros = {n: step.zeros[n] for n in names[index] if n in step.zeros}
-            state = step.layer_state(index) if hasattr(step, "layer_state") else None
+            state = step.layer_state(index) if isinstance(step, ResumableStep) else None
 
             def commit() -> None:
                 fault_point(f"layer-{index}-written")
@@ -146,14 +173,14 @@ class Journal:
                 self.zeros.update(zeros)
                 if state is not None:
                     self.steps[str(index)] = state
-                if hasattr(writer, "state"):
+                if isinstance(writer, AppendingWriter):
                     self.writer = copy.deepcopy(writer.state())
-                old, self.acts = self.acts, None
+                old, self.states_folder = self.states_folder, None
                 if snapshot is not None:
-                    self.acts = f"acts-{index}"
+                    self.states_folder = f"states-{index}"
                     # a run killed while saving them left a partial copy that no journal names
-                    shutil.rmtree(self.state_dir / self.acts, ignore_errors=True)
-                    acts.save(snapshot, self.state_dir / self.acts)
+                    shutil.rmtree(self.state_dir / self.states_folder, ignore_errors=True)
+                    states.save(snapshot, self.state_dir / self.states_folder)
                     fault_point(f"layer-{index}-states-saved")
                     _fsync_dir(self.state_dir)
                 self.layers_done = index + 1
@@ -179,8 +206,9 @@ def open_partial(output: Path, key: str, require: bool) -> Journal:
         except (OSError, ValueError):
             data = None
         if data is not None and data.get("key") == key:
-            journal = Journal(folder, key, data["layers_done"], data["digests"], data["zeros"], data["acts"],
-                              data["pre"], data.get("steps", {}), data.get("writer"))
+            journal = Journal(folder, key, data["layers_done"], data["digests"], data["zeros"],
+                              data["states_folder"], BeforeStream(**data["before"]), data.get("steps", {}),
+                              data.get("writer"))
             journal.lock()
             log.info("resuming the interrupted run in %s after %d completed layers", folder, journal.layers_done)
             return journal

@@ -37,7 +37,7 @@ from .config import SensitivityConfig
 from .data import resolve_source
 from .devices import resolve_device
 from .masks import Pattern
-from .output import check_output, temp_output
+from .output import check_output, default_output, temp_output
 from .perplexity import evaluate, load_model, load_windows
 from .progress import track
 from .recipe import versions
@@ -179,14 +179,10 @@ def ratio_file(cfg: SensitivityConfig, layout: Layout, allocation: list[float]) 
     return "\n".join(lines) + "\n"
 
 
-def default_output(cfg: SensitivityConfig) -> Path:
-    return Path(Path(cfg.model.rstrip("/")).name.replace("packaged:", "") + "-sensitivity")
-
-
 def sensitivity(cfg: SensitivityConfig, command: str | None = None, progress: bool = True) -> dict:
     """Scan every decoder layer; write ratios.yaml, sensitivity.json, sensitivity.md and sensitivity.png."""
     source = open_source(cfg.model, cfg.revision)
-    output = Path(cfg.output) if cfg.output else default_output(cfg)
+    output = Path(cfg.output) if cfg.output else default_output(cfg.model, "sensitivity")
     check_output(output, source.folder, cfg.overwrite)
     device = resolve_device(cfg.device)
     try:

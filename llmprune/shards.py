@@ -1,3 +1,7 @@
+"""Writing safetensors shards whose layout is planned before any data arrives: dense shards filled
+tensor by tensor at planned offsets, and sparse-bitmask shards appended as matrices are compressed.
+"""
+
 from __future__ import annotations
 
 import hashlib

@@ -20,18 +20,9 @@ from .errors import LlmpruneError
 from .output import check_output, closing_on_error, copy_aux_files, temp_output
 from .recipe import save_summary
 from .shards import ShardWriter
+from .source import read_recipe
 
 log = logging.getLogger(__name__)
-
-
-def read_recipe(folder: Path) -> dict:
-    try:
-        recipe = json.loads((folder / "llmprune.json").read_text())
-    except (OSError, ValueError):
-        raise LlmpruneError(f"{folder} is not a complete llmprune output: llmprune.json is missing or unreadable") from None
-    if not isinstance(recipe, dict):
-        raise LlmpruneError(f"{folder} is not a complete llmprune output: llmprune.json is not an object")
-    return recipe
 
 
 def check_complete(folder: Path) -> dict:
@@ -46,7 +37,7 @@ def check_complete(folder: Path) -> dict:
     missing = [n for n in ("config.json", "README.md", "llmprune.json") if not (folder / n).is_file()]
     if missing:
         raise LlmpruneError(f"{folder} is not a complete llmprune output: {missing[0]} is missing")
-    recipe = read_recipe(folder)
+    recipe = read_recipe(folder, required=True)
     Checkpoint(folder).close()
     return recipe
 

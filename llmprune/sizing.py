@@ -1,3 +1,7 @@
+"""Every memory estimate in one place: what one layer step, whole-model evaluation and fine-tuning
+need, and where calibration states live (device, CPU or disk) under a --max-memory budget.
+"""
+
 from __future__ import annotations
 
 import logging
@@ -13,7 +17,7 @@ from .arch import as_out_in
 from .checkpoint import Checkpoint
 from .config import FinetuneConfig, PruneConfig
 from .devices import GB, limit, parse_budget, require
-from .source import Source, calibration_seqlen, group_names, prunable_matrices
+from .source import Source, capped_seqlen, group_names, prunable_matrices
 
 log = logging.getLogger(__name__)
 @dataclass(frozen=True)
@@ -87,7 +91,7 @@ def layer_needs(cfg: PruneConfig, source: Source) -> LayerNeeds:
     text = source.layout.config.get_text_config()
     hidden = getattr(text, "hidden_size", 0)
     itemsize = spec(source.checkpoint.names[0]).dtype.itemsize
-    seqlen = calibration_seqlen(cfg, source)
+    seqlen = capped_seqlen(source, cfg.seqlen)
     width = 4 * hidden + 3 * (getattr(text, "intermediate_size", None) or 4 * hidden)
     transient = CALIB_BATCH * seqlen * width * itemsize if calibrated else 0
     states = cfg.nsamples * seqlen * hidden * itemsize if calibrated else 0
@@ -141,7 +145,7 @@ def blockwise_layer_bytes(source: Source, cfg: FinetuneConfig, seqlen: int) -> d
             "for one micro-batch": cfg.batch_size * seqlen * hidden * 4 * 24}
 
 
-WHOLE_MODEL_SHARE = 0.7  # whole-model mode when the weights fit in this share of available memory
+WHOLE_MODEL_SHARE = 0.7  # whole-model evaluation or training when its memory fits in this share of what is free
 
 
 HIDDEN_ON_DEVICE_SHARE = 0.5  # streamed: hidden states stay on the device within this share of free memory
@@ -181,7 +185,7 @@ def check_budget(source: Source, stream: bool, batch: int, seqlen: int, device: 
     require("streamed evaluation", {"for 2 layers in flight": 2 * layer, "of logits": logits}, device, budget)
 
 
-def _parking(device: torch.device, needed: int) -> torch.device:
+def parking(device: torch.device, needed: int) -> torch.device:
     """Where ``needed`` bytes of hidden states wait between layers: the device when they fit its share, else the CPU."""
     if device.type != "cuda":
         return device

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,7 +14,6 @@ import torch
 from . import ratios
 from .arch import Layout, context_length, layout_of, load_config
 from .checkpoint import Checkpoint, resolve
-from .config import PruneConfig
 from .errors import LlmpruneError, one_line
 from .hubstream import HubCheckpoint
 from .packaged import resolve_packaged
@@ -25,12 +24,20 @@ if TYPE_CHECKING:
 
 @dataclass
 class Source:
-    """An input model: its folder, checkpoint and layout."""
+    """An input model: its folder, checkpoint and layout, and its tokenizer once asked for."""
 
     folder: Path
     info: dict
     checkpoint: Checkpoint
     layout: Layout
+    _tokenizer: PreTrainedTokenizerBase | None = field(default=None, repr=False)
+
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The model's tokenizer, loaded on first use and kept: a run tokenises calibration and
+        evaluation text with one instance."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.folder)
+        return self._tokenizer
 
 
 def open_source(model: str, revision: str | None = None, stream_from_hub: bool = False) -> Source:
@@ -63,10 +70,10 @@ def prunable_matrices(source: Source) -> list[ratios.Matrix]:
     return out
 
 
-def calibration_seqlen(cfg: PruneConfig, source: Source) -> int:
-
+def capped_seqlen(source: Source, seqlen: int) -> int:
+    """``seqlen`` capped by the model's context (calibration and training windows)."""
     context = context_length(source.layout.config)
-    return min(cfg.seqlen, context) if context else cfg.seqlen
+    return min(seqlen, context) if context else seqlen
 
 
 def model_folder(model: str, revision: str | None = None) -> Path:
@@ -98,15 +105,24 @@ def input_identity(source: Source) -> dict:
     return {"shards": shards, "mtimes": {name: (source.folder / name).stat().st_mtime_ns for name in shards}}
 
 
-def read_recipe(folder: Path) -> dict:
+def read_recipe(folder: Path, required: bool = False) -> dict:
+    """The folder's llmprune.json; {} when there is none, unless ``required`` (a finished llmprune
+    output is expected: then a missing or unreadable one is refused)."""
     path = folder / "llmprune.json"
+    incomplete = f"{folder} is not a complete llmprune output: llmprune.json"
     if not path.is_file():
+        if required:
+            raise LlmpruneError(f"{incomplete} is missing or unreadable")
         return {}
     try:
         recipe = json.loads(path.read_text())
-    except ValueError:
-        raise LlmpruneError(f"{path} is not valid JSON") from None
-    return recipe if isinstance(recipe, dict) else {}
+    except (OSError, ValueError):
+        raise LlmpruneError(f"{incomplete} is missing or unreadable" if required else f"{path} is not valid JSON") from None
+    if not isinstance(recipe, dict):
+        if required:
+            raise LlmpruneError(f"{incomplete} is not an object")
+        return {}
+    return recipe
 
 
 def group_names(checkpoint: Checkpoint, layout: Layout) -> tuple[list[str], list[list[str]]]:

@@ -159,23 +159,24 @@ def owl_targets(cfg: PruneConfig, source: Source, outer: ModelWithoutLayers, ids
 
 
 def make_step(cfg: PruneConfig, source: Source, device: torch.device, store: torch.device | Path,
-              targets: dict[str, float], journal: resume.Journal, recipe: dict,
-              progress: bool, calib_ids: torch.Tensor | None = None) -> tuple[object, Activations | None]:
-    """The engine step for ``cfg``, with its calibration activations when the criterion needs them."""
+              targets: dict[str, float], journal: resume.Journal, progress: bool,
+              calib_ids: torch.Tensor | None = None) -> tuple[PruneStep | CalibratedPruneStep, Activations | None,
+                                                              tuple[int, int] | None]:
+    """The engine step for ``cfg``, its calibration states when the criterion needs them, and the
+    calibration windows' shape (windows, tokens) when any were used (OWL's pass uses them too).
+
+    With ``--ratios owl`` the targets are OWL's, from the journal when a resumed run has them."""
     criterion = criteria.get(cfg.method)
     if not (criterion.needs_calibration or cfg.ratios == "owl"):
-        return PruneStep(criterion, targets, cfg.parsed_pattern, cfg.norm), None
+        return PruneStep(criterion, targets, cfg.parsed_pattern, cfg.norm), None, None
     outer, ids = calibration(cfg, source, device, store, calib_ids)
-    recipe["calibration"] = {"data": cfg.calib_data, "nsamples": ids.shape[0], "seqlen": ids.shape[1],
-                             "seed": cfg.seed}
     if cfg.ratios == "owl":
-        if "owl" not in journal.pre:
+        if journal.before.owl is None:
             owl, outliers = owl_targets(cfg, source, outer, ids, store, device, progress)
-            journal.remember("owl", {"targets": owl, "outlier_ratios": outliers})
-        targets = journal.pre["owl"]["targets"]
-        recipe["owl"] = {"m": cfg.owl_m, "lambda": cfg.owl_lambda,
-                         "outlier_ratios": journal.pre["owl"]["outlier_ratios"]}
+            journal.remember(owl={"targets": owl, "outlier_ratios": outliers})
+        targets = journal.before.owl["targets"]
     if not criterion.needs_calibration:
-        return PruneStep(criterion, targets, cfg.parsed_pattern, cfg.norm), None
+        return PruneStep(criterion, targets, cfg.parsed_pattern, cfg.norm), None, tuple(ids.shape)
     acts = Activations(outer, ids, calibration_batch(device, ids.shape[1]), store)
-    return CalibratedPruneStep(criterion, targets, cfg.parsed_pattern, cfg.norm, acts, cfg.true_sequential), acts
+    step = CalibratedPruneStep(criterion, targets, cfg.parsed_pattern, cfg.norm, acts, cfg.true_sequential)
+    return step, acts, tuple(ids.shape)

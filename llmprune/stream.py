@@ -21,7 +21,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -95,7 +95,17 @@ def release_heap() -> None:
         libc.malloc_trim(0)
 
 
-Step = Callable[[Layer], dict[str, torch.Tensor]]
+class Step(Protocol):
+    """What the engine asks of a step: called on each decoder layer in order, it returns the tensors
+    to write under their input names (a structured step's ``output_name`` may rename or drop them).
+    ``zeros`` counts the zeros of each prunable matrix it wrote, for the report and the journal; a
+    step that a resumed run must replay also provides ``resume.ResumableStep``'s methods."""
+
+    zeros: dict[str, int]
+
+    def __call__(self, layer: Layer) -> dict[str, torch.Tensor]: ...
+
+
 OnLayer = Callable[[int], "Callable[[], None] | None"]
 
 
@@ -186,6 +196,7 @@ class Activations:
 
     def __init__(self, outer: ModelWithoutLayers, ids: torch.Tensor, batch_size: int, store: torch.device | Path):
         self.device = outer.device
+        self.windows: tuple[int, int] = tuple(ids.shape)  # (windows, tokens each)
         self.spill = Path(store) if isinstance(store, (str, Path)) else None
         self.store = torch.device("cpu") if self.spill is not None else store
         if self.spill is not None:

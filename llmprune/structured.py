@@ -221,6 +221,7 @@ class Shrink:
     before: dict[str, object]
     importance: str
     influence: list[float] | None = None
+    calibration: tuple[int, int] | None = None  # (windows, tokens) of the calibration data it used
 
     def __call__(self, layer: Layer) -> dict[str, torch.Tensor]:
         return self.step(layer)
@@ -291,7 +292,7 @@ def reduced_shape(units: Units, name: str, shape: tuple[int, ...], remove: int) 
     return shape
 
 
-def plan(cfg: PruneConfig, source: Source, device: torch.device, recipe: dict, progress: bool = True,
+def plan(cfg: PruneConfig, source: Source, device: torch.device, progress: bool = True,
          influence: list[float] | None = None) -> Shrink:
     """Everything fixed before writing: units, counts, the output config (checked against
     transformers), and for layers the block influence pass (unless a resumed run passes its
@@ -299,7 +300,7 @@ def plan(cfg: PruneConfig, source: Source, device: torch.device, recipe: dict, p
     layout, kind = source.layout, cfg.parsed_pattern.kind
     text = layout.config.get_text_config()
     if kind == "layers":
-        return _plan_layers(cfg, source, device, recipe, progress, influence)
+        return _plan_layers(cfg, source, device, progress, influence)
     units = [units_of(layout, i, kind) for i in range(layout.num_layers)]
     if len({(u.blocks, u.per_block) for u in units}) != 1:
         raise LlmpruneError(f"--pattern {kind}: decoder layers differ in their number of units")
@@ -310,31 +311,31 @@ def plan(cfg: PruneConfig, source: Source, device: torch.device, recipe: dict, p
         for i in range(layout.num_layers)})
     acts = None
     if cfg.method == "wanda":
-        acts = _calibrated_activations(cfg, source, device, recipe)
+        acts = _calibrated_activations(cfg, source, device)
     step = UnitStep(layout, units, remove, cfg.norm, acts)
     importance = ("output norm on calibration data (wanda)" if acts is not None
                   else f"{cfg.norm} norm of the unit's weights")
     before = {k: getattr(text, k, None) for k in values}
     log.info("%s: removing %d of %d %s in each of %d layers (%s)", kind, remove * units[0].blocks, units[0].count,
              UNIT_NAMES[kind], layout.num_layers, importance)
-    return Shrink(layout, kind, cfg.sparsity, step, values, before, importance)
+    return Shrink(layout, kind, cfg.sparsity, step, values, before, importance,
+                  calibration=acts.windows if acts is not None else None)
 
 
-def _calibrated_activations(cfg: PruneConfig, source: Source, device: torch.device, recipe: dict) -> Activations:
-
+def _calibrated_activations(cfg: PruneConfig, source: Source, device: torch.device) -> Activations:
     store = calibration_store(cfg, source, device)
     outer, ids = calibration(cfg, source, device, store)
-    recipe["calibration"] = {"data": cfg.calib_data, "nsamples": ids.shape[0], "seqlen": ids.shape[1],
-                             "seed": cfg.seed}
     return Activations(outer, ids, calibration_batch(device, ids.shape[1]), store)
 
 
-def _plan_layers(cfg: PruneConfig, source: Source, device: torch.device, recipe: dict, progress: bool,
+def _plan_layers(cfg: PruneConfig, source: Source, device: torch.device, progress: bool,
                  influence: list[float] | None) -> Shrink:
     layout = source.layout
     remove = removal_count("layers", layout.num_layers, cfg.sparsity)
+    calibrated = None
     if influence is None:
-        step = InfluenceStep(_calibrated_activations(cfg, source, device, recipe))
+        step = InfluenceStep(_calibrated_activations(cfg, source, device))
+        calibrated = step.acts.windows
         for layer in stream_layers(source.checkpoint, layout, device, desc="block influence", progress=progress):
             step(layer)
         influence = step.scores
@@ -348,4 +349,4 @@ def _plan_layers(cfg: PruneConfig, source: Source, device: torch.device, recipe:
     before = {k: getattr(text, k, None) for k in values}
     log.info("layers: removing %s of %d (lowest block influence)", sorted(dropped), layout.num_layers)
     return Shrink(layout, "layers", cfg.sparsity, LayerDropStep(layout, dropped), values, before,
-                  "block influence (1 - mean cosine of hidden states in and out)", influence)
+                  "block influence (1 - mean cosine of hidden states in and out)", influence, calibrated)

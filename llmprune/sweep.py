@@ -2,7 +2,7 @@
 
 What the grid points share, computed once: the evaluation windows (tokenised once), the dense
 model's perplexity on them, and the calibration windows (sampled and tokenised once, reused by
-every calibration-aware point). Each point is then a full ``pipeline.prune`` into a temporary
+every calibration-aware point). Each point is then a full ``pruning.prune`` into a temporary
 model folder and a perplexity on the shared windows. The activations themselves are not shared
 past the first layer: each point's layer inputs depend on the layers it has already pruned.
 
@@ -26,7 +26,7 @@ from . import criteria, plots
 from .calibrate import calibration_ids
 from .config import SweepConfig
 from .data import resolve_source
-from .output import check_output, temp_output
+from .output import check_output, default_output, temp_output
 from .perplexity import evaluate, load_windows
 from .progress import track
 from .pruning import prune
@@ -37,10 +37,6 @@ log = logging.getLogger(__name__)
 
 SHARED = ("evaluation windows (tokenised once); dense perplexity (measured once); calibration windows "
           "(sampled and tokenised once). Not shared: per-layer activations, which depend on each point's pruning.")
-
-
-def default_output(cfg: SweepConfig) -> Path:
-    return Path(Path(cfg.model.rstrip("/")).name.replace("packaged:", "") + "-sweep")
 
 
 def point_label(method: str, sparsity: float, pattern: str) -> str:
@@ -72,7 +68,7 @@ def sweep(cfg: SweepConfig, command: str | None = None, progress: bool = True) -
     start = time.perf_counter()
     source = open_source(cfg.model, cfg.revision)
     source.checkpoint.close()
-    output = Path(cfg.output) if cfg.output else default_output(cfg)
+    output = Path(cfg.output) if cfg.output else default_output(cfg.model, "sweep")
     check_output(output, source.folder, cfg.overwrite)
     data = resolve_source(cfg.eval)
     windows = load_windows(source.folder, data, cfg.eval_seqlen, cfg.eval_max_windows)

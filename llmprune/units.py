@@ -1,3 +1,8 @@
+"""Structured units of a decoder layer, found from the model itself: MLP channels and attention
+heads (which rows and columns of which linears each owns), and the config values a smaller model
+needs.
+"""
+
 from __future__ import annotations
 
 import copy

@@ -1,3 +1,7 @@
+"""Block-wise fine-tuning: on the layer stream, each sparse decoder layer trained to reproduce the
+dense layer's outputs, then written; memory of one layer.
+"""
+
 from __future__ import annotations
 
 import logging
@@ -205,7 +209,7 @@ def run_blockwise(cfg: FinetuneConfig, source: Source, dense: Source, ids: torch
             journal.verify(writer, per_layer[done - 1])
             writer.mark_written(outside + [n for names in per_layer[:done] for n in names])
             journal.restore(step)
-            states.load(journal.state_dir / journal.acts)
+            states.load(journal.state_dir / journal.states_folder)
         run(source.checkpoint, source.layout, step, writer, device, out_dtype, desc="fine-tune (block-wise)",
             progress=progress, start=done, on_layer=journal.on_layer(writer, per_layer, outside, step, states))
         writer.close()

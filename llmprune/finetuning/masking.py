@@ -1,3 +1,7 @@
+"""The mask invariant of fine-tuning: which weights are pruned, their gradients masked, their values
+re-zeroed after each step, and a cast that keeps the written zeros exactly the input's.
+"""
+
 from __future__ import annotations
 
 import math

@@ -1,3 +1,7 @@
+"""The optimiser (AdamW, or bitsandbytes' 8-bit AdamW), the warm-up then cosine schedule, clipping
+and the loss summary kept in llmprune.json.
+"""
+
 from __future__ import annotations
 
 import math

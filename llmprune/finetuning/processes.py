@@ -1,3 +1,7 @@
+"""Several processes under accelerate launch or torchrun: ranks, the process group, DDP gradient
+sync and FSDP sharding, and the autocast precision.
+"""
+
 from __future__ import annotations
 
 import contextlib

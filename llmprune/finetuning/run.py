@@ -29,7 +29,6 @@ Two modes:
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 import time
@@ -40,15 +39,22 @@ import torch
 
 from .. import data as data_sources
 from .. import resume
-from ..arch import context_length
 from ..card import finetune_card
 from ..config import FinetuneConfig
 from ..errors import LlmpruneError
-from ..output import check_output, copy_aux_files, replace_folder
+from ..output import check_output, copy_aux_files, default_output, replace_folder
 from ..perplexity import check_windows, evaluate, load_windows
-from ..recipe import peak_rss_mb, sparsity_summary, versions
+from ..recipe import Recipe, peak_rss_mb, sparsity_summary, versions
 from ..sizing import choose_mode
-from ..source import Source, input_identity, load_tokenizer, open_source, prunable_matrices, read_recipe, stored_dtype
+from ..source import (
+    Source,
+    capped_seqlen,
+    input_identity,
+    open_source,
+    prunable_matrices,
+    read_recipe,
+    stored_dtype,
+)
 from .blockwise import BLOCKWISE_NSAMPLES, run_blockwise
 from .optim import loss_summary, require_bitsandbytes
 from .processes import Processes, resolve_precision
@@ -56,40 +62,6 @@ from .whole import save_whole, train_whole
 
 log = logging.getLogger(__name__)
 
-
-# The model machinery (transformers, arch, pipeline, stream) is imported inside the functions that
-# use it: llmprune/__init__.py imports this module eagerly (see there), and `import llmprune` should
-# not pull in transformers.
-
-WHOLE_MODEL_SHARE = 0.7  # whole-model mode when its training memory fits in this share of what is available
-
-
-# --------------------------------------------------------------------------------------------
-# Masks
-
-
-# --------------------------------------------------------------------------------------------
-# What trains
-
-
-# --------------------------------------------------------------------------------------------
-# Optimiser and schedule
-
-
-# --------------------------------------------------------------------------------------------
-# Processes (DDP under accelerate launch / torchrun)
-
-
-# --------------------------------------------------------------------------------------------
-# Whole-model mode
-
-
-# --------------------------------------------------------------------------------------------
-# Block-wise mode
-
-
-# --------------------------------------------------------------------------------------------
-# Planning
 
 
 def training_data(cfg: FinetuneConfig, recipe: dict) -> str:
@@ -109,16 +81,8 @@ def dense_model(cfg: FinetuneConfig, recipe: dict) -> str:
     raise LlmpruneError("block-wise fine-tuning needs the dense model: pass --dense (the input's llmprune.json names none)")
 
 
-def sample_windows(folder: Path, data: str, count: int, seqlen: int, seed: int) -> torch.Tensor:
-    return data_sources.calibration_samples(load_tokenizer(folder), data, count, seqlen, seed)
-
-
-def default_output(model: str) -> Path:
-    return Path(f"{Path(model.rstrip('/')).name.replace('packaged:', '')}-ft")
-
-
-# --------------------------------------------------------------------------------------------
-# The run
+def sample_windows(source: Source, data: str, count: int, seqlen: int, seed: int) -> torch.Tensor:
+    return data_sources.calibration_samples(source.tokenizer(), data, count, seqlen, seed)
 
 
 def finetune(cfg: FinetuneConfig, command: str | None = None, progress: bool = True,
@@ -135,7 +99,7 @@ def finetune(cfg: FinetuneConfig, command: str | None = None, progress: bool = T
         require_bitsandbytes()
     procs = Processes.from_env()
     source = open_source(cfg.model)
-    output = Path(cfg.output) if cfg.output else default_output(cfg.model)
+    output = Path(cfg.output) if cfg.output else default_output(cfg.model, "ft")
     in_place = output.resolve() == source.folder.resolve()
     if in_place and not cfg.overwrite:
         raise LlmpruneError(f"output {output} is the input folder: add --overwrite to replace it")
@@ -146,7 +110,7 @@ def finetune(cfg: FinetuneConfig, command: str | None = None, progress: bool = T
     if cfg.optim == "adamw8bit" and device.type == "cpu":
         log.warning("adamw8bit is slow on the CPU (bitsandbytes' CPU kernels): it saves memory on GPUs")
     precision = resolve_precision(cfg.precision, device)
-    seqlen = _seqlen(cfg.seqlen if windows is None else windows.shape[1], source.layout.config)
+    seqlen = capped_seqlen(source, cfg.seqlen if windows is None else windows.shape[1])
     mode = "whole" if cfg.mode == "auto" and procs.world > 1 else choose_mode(cfg, source, device, seqlen)
     if mode == "blockwise" and procs.world > 1:
         raise LlmpruneError("block-wise fine-tuning runs in one process: start it without accelerate launch/torchrun")
@@ -164,7 +128,7 @@ def finetune(cfg: FinetuneConfig, command: str | None = None, progress: bool = T
         evaluation = eval_before(cfg, source.folder, recipe_in, progress) if procs.main and cfg.eval else None
         if windows is None:
             count = cfg.nsamples or (cfg.steps * cfg.batch_size * cfg.grad_accum if mode == "whole" else BLOCKWISE_NSAMPLES)
-            windows = sample_windows(source.folder, data, max(1, count), seqlen, cfg.seed)
+            windows = sample_windows(source, data, max(1, count), seqlen, cfg.seed)
         else:
             data = "windows"
         windows = check_windows(windows, getattr(source.layout.config, "vocab_size", None))
@@ -204,8 +168,8 @@ def finetune(cfg: FinetuneConfig, command: str | None = None, progress: bool = T
         if device.type == "cuda":
             section["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         recipe = build_recipe(recipe_in, source, cfg, section, zeros, command)
-        (tmp / "llmprune.json").write_text(json.dumps(recipe, indent=2) + "\n")
-        (tmp / "README.md").write_text(finetune_card(source.folder, recipe))
+        recipe.write(tmp)
+        (tmp / "README.md").write_text(finetune_card(source.folder, recipe.to_dict()))
         journal.finish()
         replace_folder(tmp, output)
     except KeyboardInterrupt:
@@ -226,7 +190,7 @@ def finetune(cfg: FinetuneConfig, command: str | None = None, progress: bool = T
         if procs.world > 1 and procs.main:
             procs.barrier()
         procs.stop()
-    recipe["output"] = str(output)
+    recipe = {**recipe.to_dict(), "output": str(output)}
     log.info("wrote %s", output)
     return recipe
 
@@ -235,37 +199,26 @@ def _windows_key(windows: torch.Tensor | None) -> str | None:
     return None if windows is None else hashlib.sha256(windows.numpy().tobytes()).hexdigest()
 
 
-def _seqlen(seqlen: int, config) -> int:
-
-    context = context_length(config)
-    return min(seqlen, context) if context else seqlen
-
-
 def build_recipe(recipe_in: dict, source: Source, cfg: FinetuneConfig, section: dict, zeros: dict[str, int],
-                 command: str | None) -> dict:
+                 command: str | None) -> Recipe:
     """The input's recipe, its sparsity re-measured on the written weights, and a finetune section."""
-
-    recipe = dict(recipe_in) or {"format": "llmprune/1", "input": {**source.info,
-                                                                    "shards": source.checkpoint.fingerprint()}}
+    identity = {**source.info, "shards": source.checkpoint.fingerprint()}
+    recipe = Recipe.from_dict(recipe_in) if recipe_in else Recipe(input=identity)
     old = (recipe_in.get("sparsity") or {}).get("matrices") or {}
     targets = {}
     for m in prunable_matrices(source):
         zeros.setdefault(m.name, 0)  # a matrix with no zeros has no mask entry worth keeping: count 0
         targets[m.name] = old.get(m.name, {}).get("target", zeros[m.name] / m.numel)
-    recipe["sparsity"] = sparsity_summary(source, targets, zeros)
-    recipe["finetune"] = {
+    recipe.sparsity = sparsity_summary(source, targets, zeros)
+    recipe.finetune = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
-        "input": {**source.info, "shards": source.checkpoint.fingerprint()},
+        "input": identity,
         "config": cfg.to_dict(),
         **section,
         "versions": versions(),
     }
     return recipe
-
-
-# --------------------------------------------------------------------------------------------
-# Perplexity before and after
 
 
 def eval_before(cfg: FinetuneConfig, folder: Path, recipe_in: dict, progress: bool) -> dict:

@@ -1,3 +1,7 @@
+"""Whole-model fine-tuning: the model trained as one on next-token loss, under DDP or FSDP when
+several processes run, then written tensor by tensor in the input's names and order.
+"""
+
 from __future__ import annotations
 
 import time
