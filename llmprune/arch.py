@@ -47,6 +47,12 @@ class Layout:
     linears: list[list[Linear]]  # per layer index
     prefix_to_strip: str = ""  # checkpoint names lack this prefix (set by match_checkpoint)
     _layers: nn.ModuleList = field(default=None, repr=False)
+    # Mixtures of experts, filled by ``source.match_experts`` (arch and experts are independent
+    # modules of one layer): per layer index its ``experts.MoeBlock``s and its ``experts.Expert``
+    # matrices, and the ``experts.LayerPlan`` of each layer whose tensors are not stored one to one.
+    moe: list[list] = field(default_factory=list)
+    experts: list[list] = field(default_factory=list)
+    plans: dict[int, object] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -62,7 +68,24 @@ class Layout:
     def linear_names(self, index: int) -> list[tuple[Linear, str]]:
         """Layer ``index``'s prunable matrices with their checkpoint tensor names."""
         prefix = self.layer_prefix(index)
-        return [(linear, self.checkpoint_name(prefix + linear.weight)) for linear in self.linears[index]]
+        return [(linear, self.stored_name(index, self.checkpoint_name(prefix + linear.weight)))
+                for linear in self.linears[index]]
+
+    def expert_matrices(self, index: int) -> list:
+        """Layer ``index``'s routed expert matrices (``experts.Expert``), each a prunable matrix."""
+        return self.experts[index] if self.experts else []
+
+    def plan(self, index: int):  # -> experts.LayerPlan | None
+        """How layer ``index``'s checkpoint tensors become its parameters, when not one to one."""
+        return self.plans.get(index)
+
+    def stored_name(self, index: int, name: str) -> str:
+        """The checkpoint name of an unfused in-memory tensor ``name`` of layer ``index`` (renamed on
+        load, e.g. Mixtral's ``mlp.gate`` is ``block_sparse_moe.gate`` on disk)."""
+        plan = self.plans.get(index)
+        if plan is None or name not in plan.targets or plan.group(name).fused:
+            return name
+        return plan.group(name).sources[0]
 
     def checkpoint_name(self, model_name: str) -> str:
         if self.prefix_to_strip and model_name.startswith(self.prefix_to_strip):
@@ -274,9 +297,20 @@ def fill_parameters(model: nn.Module, layout: Layout, read: "callable", device: 
 
     names = [name for name, param in model.named_parameters(remove_duplicate=False) if param.is_meta]
     missing = []
+    converted: tuple[int | None, dict[str, torch.Tensor]] = (None, {})  # one planned layer at a time
     for name in track(names, desc, "tensor", enabled=progress):
+        stored = layout.checkpoint_name(name)
+        index = layout.layer_of(stored)
+        plan = layout.plan(index) if index is not None else None
+        if plan is not None and stored in plan.targets:
+            if converted[0] != index:
+                converted = (index, {})  # free the previous layer's conversions first
+                converted = (index, plan.to_memory({n: read(n) for g in plan.groups for n in g.sources}))
+            tensor = converted[1].pop(stored)
+            _set_tensor(model, name, tensor.to(device=device, dtype=dtype or tensor.dtype))
+            continue
         try:
-            tensor = read(layout.checkpoint_name(name))
+            tensor = read(stored)
         except KeyError:
             missing.append(name)
             continue

@@ -73,7 +73,6 @@ GATE, UP = "gate", "up"
 @dataclass(frozen=True)
 class ExpertMatrix:
     """One expert's matrix, as pruning sees it: a 2-D (out, in) view into its parameter."""
-
     label: str  # e.g. "mlp.experts.gate_up_proj[3].gate", or "mlp.experts.3.w1.weight"
     param: str  # the layer-relative parameter it lives in
     expert: int
@@ -83,6 +82,21 @@ class ExpertMatrix:
     def view(self, tensor: torch.Tensor) -> torch.Tensor:
         """(out, in) view of ``tensor`` (the value of ``param``); writes go through to it."""
         return self.weight.view(tensor, self.expert, self.part)
+
+
+@dataclass(frozen=True)
+class Expert:
+    """An expert matrix as a prunable matrix of a model: its name in targets and reports, and the
+    in-memory tensor (full name, as the checkpoint's names are prefixed) holding it."""
+
+    name: str  # the checkpoint's per-expert tensor, else e.g. "model.layers.0.mlp.experts.gate_up_proj[3].gate"
+    param: str  # e.g. "model.layers.0.mlp.experts.gate_up_proj"
+    matrix: ExpertMatrix
+    shape: tuple[int, int]  # (out, in)
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
 
 
 @dataclass(frozen=True)
@@ -162,7 +176,6 @@ class ExpertWeight:
 @dataclass(frozen=True)
 class MoeBlock:
     """A mixture-of-experts block inside a decoder layer (names relative to the layer)."""
-
     path: str  # e.g. "mlp" (Mixtral's "block_sparse_moe" on disk is "mlp" in memory)
     experts: str  # the experts module, e.g. "mlp.experts"
     num_experts: int
@@ -336,7 +349,6 @@ class Group:
 @dataclass(frozen=True)
 class LayerPlan:
     """How one decoder layer's checkpoint tensors map to its in-memory parameters and back."""
-
     groups: tuple[Group, ...]
     config: PretrainedConfig | None = None
 
@@ -350,10 +362,12 @@ class LayerPlan:
     def targets(self) -> list[str]:
         return [g.target for g in self.groups]
 
-    def to_memory(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The in-memory tensors (by target name) built from on-disk ``tensors`` (by checkpoint name)."""
+    def to_memory(self, tensors: Mapping[str, torch.Tensor], targets: Iterable[str] | None = None
+                  ) -> dict[str, torch.Tensor]:
+        """The in-memory tensors (by target name; only ``targets`` when given) built from on-disk
+        ``tensors`` (by checkpoint name)."""
         out = {}
-        for g in self.groups:
+        for g in self.groups if targets is None else [self._by_target[t] for t in targets]:
             missing = [n for n in g.sources if n not in tensors]
             if missing:
                 raise LlmpruneError(f"{g.target} needs {missing[0]!r}, which was not read")
@@ -492,7 +506,6 @@ def routing_hook(layer: nn.Module, block: MoeBlock, on_routed: OnRouted) -> Iter
 @dataclass
 class Routed:
     """What one expert received in one forward."""
-
     rows: torch.Tensor  # (n, H)
     weights: torch.Tensor | None  # (n,)
     tokens: torch.Tensor | None  # (n,)

@@ -4,10 +4,11 @@ structure, and the small things every workflow reads from it (tokenizer, recipe,
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 
@@ -15,8 +16,15 @@ from . import ratios
 from .arch import Layout, context_length, layout_of, load_config
 from .checkpoint import Checkpoint, resolve
 from .errors import LlmpruneError, one_line
+from .experts import UP, Expert, LayerPlan, conversion_rules, find_moe, plan_layer, uncovered_weights
 from .hubstream import HubCheckpoint
 from .packaged import resolve_packaged
+
+log = logging.getLogger(__name__)
+
+# Tensor name endings of quantized formats, whose stored weights cannot be pruned as they are
+QUANTIZED = {"weight_scale_inv": "FP8 block-quantized (weight_scale_inv)", "_blocks": "MXFP4 (_blocks/_scales)",
+             "_scales": "MXFP4 (_blocks/_scales)"}
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -25,7 +33,6 @@ if TYPE_CHECKING:
 @dataclass
 class Source:
     """An input model: its folder, checkpoint and layout, and its tokenizer once asked for."""
-
     folder: Path
     info: dict
     checkpoint: Checkpoint
@@ -57,16 +64,86 @@ def open_source(model: str, revision: str | None = None, stream_from_hub: bool =
     else:
         checkpoint = Checkpoint(folder)
     layout = layout_of(load_config(str(folder)))
-    layout.match_checkpoint(set(checkpoint.names))
+    names = set(checkpoint.names)
+    layout.match_checkpoint(names)
+    match_experts(layout, names)
     return Source(folder, info, checkpoint, layout)
 
 
+def match_experts(layout: Layout, names: Iterable[str]) -> None:
+    """Fill ``layout``'s mixture-of-experts fields for a checkpoint holding ``names``: each layer's
+    MoE blocks, the plan of each layer not stored one to one, and every expert matrix. Routers and
+    shared-expert gates leave the prunable linears; weights nothing covers are named in a warning."""
+    per_layer: list[list[str]] = [[] for _ in range(layout.num_layers)]
+    for name in names:
+        index = layout.layer_of(name)
+        if index is not None:
+            per_layer[index].append(name)
+            for ending, fmt in QUANTIZED.items():
+                if name.endswith(ending):
+                    raise LlmpruneError(f"{name}: {fmt} quantized checkpoints cannot be pruned; dequantize them first")
+    layout.moe = [find_moe(layout.layer_module(i)) for i in range(layout.num_layers)]
+    for index, blocks in enumerate(layout.moe):
+        never = {n for block in blocks for n in block.never_prune()}
+        layout.linears[index] = [lin for lin in layout.linears[index] if lin.weight not in never]
+    rules = conversion_rules(layout.skeleton)
+    for index, layer_names in enumerate(per_layer):
+        if rules and layer_names:
+            plan = plan_layer(layout.skeleton, layer_names, rules=rules)
+            if any(g.fused or g.sources != (g.target,) for g in plan.groups):
+                layout.plans[index] = plan
+    layout.experts = [_experts_of(layout, i) for i in range(layout.num_layers)]
+    _warn_uncovered(layout)
+
+
+def _experts_of(layout: Layout, index: int) -> list[Expert]:
+    """Every routed expert matrix of layer ``index`` held in a fused (E, ., .) tensor, named as the
+    checkpoint stores it when it stores one tensor per expert (the halves of a fused gate|up come
+    from the converter's sources in order: gate, then up). Experts that are per-expert ``nn.Linear``
+    modules in memory are ordinary linears."""
+    layer = layout.layer_module(index)
+    prefix = layout.checkpoint_name(layout.layer_prefix(index))
+    plan: LayerPlan | None = layout.plan(index)
+    out = []
+    for block in layout.moe[index]:
+        for weight in block.weights:
+            if not weight.fused:
+                continue
+            param = prefix + weight.param()
+            group = plan.group(param) if plan is not None and param in plan.targets else None
+            meta = layer.get_parameter(weight.param())
+            for m in weight.matrices():
+                name = prefix + m.label
+                if group is not None and group.fused and len(group.parts) == (2 if m.part else 1) \
+                        and len(group.parts[0]) == weight.num_experts:
+                    name = group.parts[1 if m.part == UP else 0][m.expert]
+                out.append(Expert(name, param, m, tuple(m.view(meta).shape)))
+    return out
+
+
+def _warn_uncovered(layout: Layout) -> None:
+    """Name, once per pattern, each weight of >= 2 dims in a decoder layer that is neither a linear,
+    an expert, a router nor a shared-expert gate: nothing prunes it."""
+    seen = set()
+    for index in range(layout.num_layers):
+        covered = {lin.weight for lin in layout.linears[index]}
+        for block in layout.moe[index]:
+            covered.update(block.covered())
+        for name in uncovered_weights(layout.layer_module(index), covered):
+            pattern = f"{layout.layers_path}.*.{name}"
+            if pattern not in seen:
+                seen.add(pattern)
+                log.warning("%s: no rule prunes this weight (not a linear or an expert); it is left dense", pattern)
+
+
 def prunable_matrices(source: Source) -> list[ratios.Matrix]:
+    """Every prunable matrix, layer by layer: the linears, then each expert's matrices."""
     out = []
     for index in range(source.layout.num_layers):
         for _, name in source.layout.linear_names(index):
             if name in source.checkpoint:
                 out.append(ratios.Matrix(name, math.prod(source.checkpoint.spec(name).shape), index))
+        out.extend(ratios.Matrix(e.name, e.numel, index) for e in source.layout.expert_matrices(index))
     return out
 
 
@@ -78,7 +155,6 @@ def capped_seqlen(source: Source, seqlen: int) -> int:
 
 def model_folder(model: str, revision: str | None = None) -> Path:
     """The local folder of a folder path, a Hub id or ``packaged:smollm2``."""
-
     return resolve_packaged(model) or resolve(model, revision)[0]
 
 

@@ -8,6 +8,10 @@ layers).
 
 A step is any callable ``step(layer) -> dict[name, tensor]`` over a ``Layer``; steps that need
 the layer as a module (calibration, block-wise fine-tuning) call ``layer.module()``.
+
+Routed experts stored one tensor per expert but fused in memory (``Layout.plan``) are fused once
+when the layer is read, pruned there through each expert's (out, in) view (``Layer.experts``), and
+split back into the checkpoint's tensors, names, shapes and dtypes when the layer is written.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import logging
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
@@ -28,6 +32,8 @@ from torch import nn
 
 from .arch import LayerCalls, Layout, Linear, ModelWithoutLayers, materialize
 from .checkpoint import Checkpoint, TensorSpec
+from .errors import LlmpruneError
+from .experts import Expert
 from .progress import track
 from .shards import ShardWriter
 from .source import group_names
@@ -38,10 +44,29 @@ log = logging.getLogger(__name__)
 @dataclass
 class Layer:
     """One decoder layer in flight: its checkpoint tensors, on the execution device."""
-
     index: int
-    tensors: dict[str, torch.Tensor]  # checkpoint name -> tensor
+    tensors: dict[str, torch.Tensor]  # checkpoint name -> tensor (a planned layer: all but its fused experts)
     layout: Layout
+    # in-memory name -> expert tensor fused from the checkpoint's per-expert tensors (``Layout.plan``)
+    fused: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self):
+        plan = self.layout.plan(self.index)
+        if plan is None:
+            return
+        for g in plan.groups:
+            if g.fused and g.target not in self.fused and all(n in self.tensors for n in g.sources):
+                stored = {n: self.tensors.pop(n) for n in g.sources}
+                self.fused.update(plan.to_memory(stored, [g.target]))
+                self._check_names(g.target, stored)
+
+    def _check_names(self, target: str, stored: dict[str, torch.Tensor]) -> None:
+        """Each expert matrix named after a checkpoint tensor holds exactly that tensor."""
+        for expert in self.layout.expert_matrices(self.index):
+            if expert.param == target and expert.name in stored:
+                if not torch.equal(expert.matrix.view(self.fused[target]), stored[expert.name]):
+                    raise LlmpruneError(f"{expert.name} is not {expert.matrix.label} once fused: "
+                                        "transformers' conversion changed; update llmprune")
 
     def linears(self) -> Iterator[tuple[Linear, str]]:
         """The prunable matrices of this layer with their checkpoint names."""
@@ -49,11 +74,31 @@ class Layer:
             if name in self.tensors:
                 yield linear, name
 
+    def experts(self) -> Iterator[tuple[Expert, torch.Tensor]]:
+        """The routed experts' matrices of this layer, each with its (out, in) view, which writes
+        through to the tensor the layer writes."""
+        for expert in self.layout.expert_matrices(self.index):
+            holder = self.fused.get(expert.param, self.tensors.get(expert.param))
+            if holder is not None:
+                yield expert, expert.matrix.view(holder)
+
     def module(self) -> nn.Module:
         """The decoder layer as a real module holding these tensors (shared storage)."""
         prefix = self.layout.checkpoint_name(self.layout.layer_prefix(self.index))
-        state = {name[len(prefix):]: t for name, t in self.tensors.items()}
+        plan = self.layout.plan(self.index)
+        renamed = {} if plan is None else {g.sources[0]: g.target for g in plan.groups if not g.fused}
+        state = {renamed.get(name, name)[len(prefix):]: t for name, t in self.tensors.items()}
+        state.update((name[len(prefix):], t) for name, t in self.fused.items())
         return materialize(self.layout.layer_module(self.index), state)
+
+    def stored(self, out: dict[str, torch.Tensor], like: Callable[[str], TensorSpec]) -> dict[str, torch.Tensor]:
+        """A step's output ``out`` with the fused experts split back into the checkpoint's tensors
+        (shapes and dtypes of ``like(name)``); the pieces may be views of the fused tensors."""
+        if not self.fused:
+            return out
+        plan = self.layout.plan(self.index)
+        specs = {n: like(n) for target in self.fused for n in plan.group(target).sources}
+        return {**out, **plan.to_disk(self.fused, like=specs)}
 
 
 @functools.lru_cache(maxsize=1)
@@ -173,7 +218,7 @@ def run(checkpoint: Checkpoint, layout: Layout, step: Step, writer: ShardWriter,
     with ThreadPoolExecutor(max_workers=1) as writer_pool:
         written = None
         for layer in layers(checkpoint, layout, device, None, desc, progress, per_layer, start):
-            out = step(layer)
+            out = layer.stored(step(layer), checkpoint.spec)
             done = on_layer(layer.index) if on_layer is not None else None
             if written is not None:
                 written.result()
