@@ -503,6 +503,18 @@ def routing_hook(layer: nn.Module, block: MoeBlock, on_routed: OnRouted) -> Iter
             handle.remove()
 
 
+def gated_activation(experts: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """``act(gate) * up`` as ``experts`` applies it between gate|up and down (the down projection's
+    input): gpt-oss's clamped SwiGLU (its ``alpha`` and ``limit``), else the module's ``act_fn``;
+    None when the module has neither."""
+    alpha, limit = getattr(experts, "alpha", None), getattr(experts, "limit", None)
+    if alpha is not None and limit is not None:
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+        return (up + 1) * gate * torch.sigmoid(gate * alpha)
+    act = getattr(experts, "act_fn", None)
+    return act(gate) * up if act is not None else None
+
+
 @dataclass
 class Routed:
     """What one expert received in one forward."""

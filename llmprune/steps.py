@@ -12,18 +12,23 @@ groups already pruned. Memory is O(one layer + calibration activations).
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import ModuleType
+from typing import Iterator
 
 import torch
+from torch import nn
 
 from . import criteria, ratios, resume
 from .arch import ModelWithoutLayers, as_out_in
 from .calibrate import calibration, collect_stats, input_groups
 from .config import PruneConfig
-from .criteria import wanda
+from .criteria import magnitude, wanda
 from .errors import LlmpruneError
+from .experts import GATE, UP, ExpertMatrix, ExpertWeight, MoeBlock, gated_activation, routing_hook
 from .masks import Pattern
 from .sizing import calibration_batch
 from .source import Source, prunable_matrices
@@ -32,11 +37,104 @@ from .stream import layers as stream_layers
 
 log = logging.getLogger(__name__)
 
+MIN_EXPERT_TOKENS = 16  # an expert routed fewer calibration tokens is pruned by magnitude
+
+
+@dataclass
+class RoutedStats:
+    """A criterion's statistics per routed expert, from the tokens its router sends it: the expert's
+    gate|up matrices share those of the routed rows (n, H), its down those of ``act(gate) * up``."""
+
+    criterion: ModuleType
+    stats: dict[tuple[str, int, str], object] = field(default_factory=dict)
+
+    @staticmethod
+    def key(matrix: ExpertMatrix) -> tuple[str, int, str]:
+        return matrix.weight.container, matrix.expert, "out" if _is_down(matrix.weight) else "in"
+
+    def get(self, matrix: ExpertMatrix) -> object | None:
+        """The statistics of ``matrix``, or None when too few tokens reached its expert."""
+        stats = self.stats.get(self.key(matrix))
+        return stats if stats is not None and stats.tokens >= MIN_EXPERT_TOKENS else None
+
+    @contextmanager
+    def collecting(self, module: nn.Module, blocks: list[MoeBlock]) -> Iterator[None]:
+        """Accumulate on every forward of ``module`` (a decoder layer) while open."""
+        with ExitStack() as stack:
+            for block in blocks:
+                if any(w.fused for w in block.weights):
+                    stack.enter_context(routing_hook(module, block, partial(self._on_routed, module, block)))
+            yield
+
+    def _on_routed(self, module: nn.Module, block: MoeBlock, e: int, rows: torch.Tensor, *_) -> None:
+        rows = rows.reshape(-1, rows.shape[-1])  # (n, H)
+        inputs = [w for w in block.weights if w.fused and not _is_down(w)]
+        downs = [w for w in block.weights if w.fused and _is_down(w)]
+        if inputs:
+            self._add((block.experts, e, "in"), _matrix(module, inputs[0], e, GATE if inputs[0].gate_up else None), rows)
+        if downs:
+            hidden = _expert_hidden(module, block, inputs, e, rows)
+            if hidden is not None:
+                self._add((block.experts, e, "out"), _matrix(module, downs[0], e), hidden)
+
+    def _add(self, key: tuple[str, int, str], weight: torch.Tensor, x: torch.Tensor) -> None:
+        if key not in self.stats:
+            self.stats[key] = self.criterion.init_stats(weight)
+        self.criterion.accumulate(self.stats[key], x)
+
+
+def _is_down(weight: ExpertWeight) -> bool:
+    return weight.name.startswith("down")
+
+
+def _matrix(module: nn.Module, weight: ExpertWeight, e: int, part: str | None = None) -> torch.Tensor:
+    """Expert ``e``'s (out, in) matrix of ``weight`` in the layer ``module``."""
+    return weight.view(module.get_parameter(weight.param()), e, part)
+
+
+def _expert_hidden(module: nn.Module, block: MoeBlock, inputs: list[ExpertWeight], e: int,
+                   rows: torch.Tensor) -> torch.Tensor | None:
+    """``act(gate) * up`` (n, I) of expert ``e`` for routed ``rows`` (n, H), in float32; None when the
+    gate and up matrices or the activation cannot be told apart."""
+
+    def linear(weight: ExpertWeight, part: str | None) -> torch.Tensor:
+        y = rows.float() @ _matrix(module, weight, e, part).float().T
+        if weight.bias is not None:
+            y += weight.bias_view(module.get_parameter(weight.bias_params()[0]), e, part).float()
+        return y
+
+    if len(inputs) == 1 and inputs[0].gate_up:
+        gate, up = linear(inputs[0], GATE), linear(inputs[0], UP)
+    else:
+        named = {w.name.split("_")[0]: w for w in inputs}
+        if set(named) != {"gate", "up"}:
+            return None
+        gate, up = linear(named["gate"], None), linear(named["up"], None)
+    return gated_activation(module.get_submodule(block.experts), gate, up)
+
+
+def prune_experts(layer: Layer, criterion: ModuleType, targets: dict[str, float], pattern: Pattern, norm: str,
+                  zeros: dict[str, int], routed: RoutedStats | None = None) -> None:
+    """Prune every targeted expert matrix of ``layer`` in place and count its zeros. With ``routed``
+    (calibrated criteria) an expert without enough routed tokens falls back to magnitude."""
+    fallback = 0
+    for expert, view in layer.experts():
+        sparsity = targets.get(expert.name, 0.0)
+        if sparsity > 0:
+            stats = routed.get(expert.matrix) if routed is not None else None
+            use = criterion if stats is not None or not criterion.needs_calibration else magnitude
+            fallback += use is not criterion
+            pruned, _ = use.prune(view, sparsity, pattern, stats, norm)
+            view.copy_(pruned)
+        zeros[expert.name] = view.numel() - int(torch.count_nonzero(view))
+    if fallback:
+        log.info("layer %d: %d expert matrices pruned by magnitude (fewer than %d routed calibration tokens, "
+                 "or no known activation for a down projection)", layer.index, fallback, MIN_EXPERT_TOKENS)
+
 
 @dataclass
 class CalibratedPruneStep:
     """The engine step for criteria that need activations (Wanda, SparseGPT)."""
-
     criterion: ModuleType
     targets: dict[str, float]
     pattern: Pattern
@@ -51,15 +149,28 @@ class CalibratedPruneStep:
         linears = {name: (lin, module.get_submodule(lin.name)) for lin, name in layer.linears()}
         todo = [n for n in linears if self.targets.get(n, 0.0) > 0]
         groups = input_groups(module, layer.index, self.acts, linears) if self.true_sequential else [todo]
+        blocks = layer.layout.moe[layer.index] if any(self.targets.get(e.name, 0.0) > 0 for e, _ in layer.experts()) \
+            else []
+        routed = RoutedStats(self.criterion)
+        # Experts take their statistics in the pass of the (only) group, or in their own pass after
+        # every linear group when pruning true-sequentially.
+        together = blocks and not self.true_sequential
         for group in groups:
             group = {n: linears[n] for n in group if n in todo}
-            if not group:
-                continue
-            stats = collect_stats(self.criterion, module, layer.index, self.acts, group)
+            with routed.collecting(module, blocks) if together else nullcontext():
+                if not group:
+                    if together:
+                        self.acts.forward(module, layer.index)
+                    continue
+                stats = collect_stats(self.criterion, module, layer.index, self.acts, group)
             for name, (lin, sub) in group.items():
                 weight = as_out_in(sub.weight, lin)
                 pruned, _ = self.criterion.prune(weight, self.targets[name], self.pattern, stats.pop(name), self.norm)
                 weight.copy_(pruned)
+        if blocks and self.true_sequential:
+            with routed.collecting(module, blocks):
+                self.acts.forward(module, layer.index)
+        prune_experts(layer, self.criterion, self.targets, self.pattern, self.norm, self.zeros, routed)
         self.acts.advance(module, layer.index)
         for name in linears:
             t = layer.tensors[name]
@@ -116,18 +227,17 @@ def plan_sparsity(cfg: PruneConfig, source: Source) -> dict[str, float]:
 def check_n_m_shapes(source: Source, pattern: Pattern, targets: dict[str, float]) -> None:
     """Refuse before writing anything when an input dimension is not a multiple of M."""
     for index in range(source.layout.num_layers):
-        for linear, name in source.layout.linear_names(index):
-            if targets.get(name):
-                shape = source.checkpoint.spec(name).shape
-                fan_in = shape[0] if linear.transposed else shape[1]
-                if fan_in % pattern.m:
-                    raise LlmpruneError(f"{name}: input dimension {fan_in} is not a multiple of M={pattern.m}")
+        fan_ins = [(name, source.checkpoint.spec(name).shape[0 if linear.transposed else 1])
+                   for linear, name in source.layout.linear_names(index) if targets.get(name)]
+        fan_ins += [(e.name, e.shape[1]) for e in source.layout.expert_matrices(index) if targets.get(e.name)]
+        for name, fan_in in fan_ins:
+            if fan_in % pattern.m:
+                raise LlmpruneError(f"{name}: input dimension {fan_in} is not a multiple of M={pattern.m}")
 
 
 @dataclass
 class PruneStep:
     """Prune every targeted matrix of a layer with one criterion; count the zeros written."""
-
     criterion: object
     targets: dict[str, float]
     pattern: Pattern
@@ -143,6 +253,7 @@ class PruneStep:
                 pruned, _ = self.criterion.prune(weight, sparsity, self.pattern, None, self.norm)
                 out[name] = pruned.t() if linear.transposed else pruned
             self.zeros[name] = out[name].numel() - int(torch.count_nonzero(out[name]))
+        prune_experts(layer, self.criterion, self.targets, self.pattern, self.norm, self.zeros)
         return out
 
 
