@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from .arch import as_out_in
+from .arch import Layout, Linear, as_out_in
 from .errors import LlmpruneError
 from .masks import Pattern, is_n_m
 from .progress import table, track
-from .source import open_source
+from .source import group_names, open_source
+from .stream import Layer
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,6 @@ ROWS_PER_CHECK = 1024  # N:M validity is checked this many output rows at a time
 @dataclass
 class MatrixReport:
     """One prunable matrix as stored."""
-
     name: str  # checkpoint tensor name
     linear: str  # module path inside the layer, e.g. "self_attn.q_proj"
     layer: int
@@ -49,7 +49,6 @@ class MatrixReport:
 @dataclass
 class Report:
     """The whole inspection; ``to_dict`` is the ``--json`` form."""
-
     model: str
     folder: str
     n_m_checked: list[str]
@@ -91,6 +90,18 @@ def n_m_valid(weight: torch.Tensor, pattern: Pattern) -> bool:
     return all(is_n_m(block, pattern.n, pattern.m) for block in weight.split(ROWS_PER_CHECK))
 
 
+def expert_reports(layout: Layout, index: int, tensors: dict[str, torch.Tensor], patterns: list[Pattern]
+                   ) -> list[MatrixReport]:
+    """One row per routed expert matrix of layer ``index`` (its checkpoint ``tensors`` given), named
+    as the checkpoint stores it (``block_sparse_moe.experts.3.w1.weight``) or by its place in a fused
+    tensor (``mlp.experts.gate_up_proj[3].gate``)."""
+    if not tensors:
+        return []
+    prefix = layout.checkpoint_name(layout.layer_prefix(index))
+    return [matrix_report(view, expert.name, Linear(expert.name[len(prefix):], False), index, patterns)
+            for expert, view in Layer(index, tensors, layout).experts()]
+
+
 def matrix_report(tensor: torch.Tensor, name: str, linear, layer: int, patterns: list[Pattern]) -> MatrixReport:
     weight = as_out_in(tensor, linear)
     zeros = tensor.numel() - int(torch.count_nonzero(tensor))
@@ -124,19 +135,22 @@ def recipe_summary(folder: Path) -> dict | None:
 def inspect(model: str, revision: str | None = None, n_m: str | tuple[str, ...] = DEFAULT_N_M,
             progress: bool = True) -> Report:
     """Stream ``model`` (folder, Hub id or ``packaged:smollm2``) and report what its checkpoint holds."""
-
     patterns = parse_n_m(n_m)
     source = open_source(model, revision)
     checkpoint, layout = source.checkpoint, source.layout
     try:
         matrices = []
+        per_layer = group_names(checkpoint, layout)[1]
         for index in track(range(layout.num_layers), "inspect", "layer", enabled=progress):
             for linear, name in layout.linear_names(index):
                 if name in checkpoint.location:
                     matrices.append(matrix_report(checkpoint.read(name), name, linear, index, patterns))
+            matrices += expert_reports(layout, index, {n: checkpoint.read(n) for n in per_layer[index]}
+                                       if layout.expert_matrices(index) else {}, patterns)
     finally:
         checkpoint.close()
-    prunable = {m.name for m in matrices}
+    # expert matrices count as prunable, and so do the tensors that hold them
+    prunable = {m.name for m in matrices} | {e.param for i in range(layout.num_layers) for e in layout.expert_matrices(i)}
     dtypes: dict[str, int] = {}
     other = 0
     for name in checkpoint.names:
