@@ -1,0 +1,226 @@
+"""Mixture-of-experts checkpoints end to end: every routed expert matrix pruned exactly, routers and
+shared-expert gates untouched, the on-disk layout kept, the stream equal to the model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TOKENIZER_FILES, expect_error, run_cli
+from safetensors.torch import load_file, save_file
+from test_experts import FAMILIES, load, tiny
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from llmprune.arch import ModelWithoutLayers
+from llmprune.config import PruneConfig
+from llmprune.experts import find_moe, record_routing
+from llmprune.perplexity import evaluate
+from llmprune.pruning import prune
+from llmprune.source import open_source
+from llmprune.stream import Activations, layers
+
+MOE = {f: ({"num_key_value_heads": 4} if f == "deepseek_v3" else {}) for f in FAMILIES}  # MLA: one KV head per head
+ROUTERS = ("gate.weight", "router.weight", "router.bias", "shared_expert_gate.weight")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("moe")
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in folder.glob("*.safetensors"):
+        out.update(load_file(file))
+    return out
+
+
+def zeros(t: torch.Tensor) -> int:
+    return t.numel() - int(torch.count_nonzero(t))
+
+
+def expert_views(model) -> dict[str, torch.Tensor]:
+    """Every expert matrix of a loaded model by its in-memory label, e.g. "model.layers.0.mlp.experts.gate_up_proj[3].gate"."""
+    out = {}
+    for index, layer in enumerate(model.model.layers):
+        for block in find_moe(layer):
+            for weight in block.weights:
+                for m in weight.matrices():
+                    out[f"model.layers.{index}.{m.label}"] = m.view(layer.get_parameter(m.param))
+    return out
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_stream_reproduces_the_model_before_pruning(root, family):
+    folder = tiny(family, root, **MOE[family])
+    src = open_source(str(folder))
+    ids = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(0))
+    outer = ModelWithoutLayers(src.layout, src.checkpoint.read, torch.device("cpu"))
+    acts = Activations(outer, ids, 2, torch.device("cpu"))
+    for layer in layers(src.checkpoint, src.layout, torch.device("cpu"), progress=False):
+        acts.advance(layer.module(), layer.index)
+    got = torch.cat([outer.logits(chunk, h) for chunk, h in zip(ids.split(2), acts.hidden)])
+    with torch.no_grad():
+        want = load(folder)(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe"])
+def test_eval_whole_and_streamed_agree(root, family):
+    folder = tiny(family, root, **MOE[family])
+    windows = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(1))
+    whole = evaluate(str(folder), windows=windows, stream=False, batch_size=2, progress=False)
+    streamed = evaluate(str(folder), windows=windows, stream=True, batch_size=2, progress=False)
+    assert (whole.mode, streamed.mode) == ("whole", "streamed")
+    assert streamed.perplexity == pytest.approx(whole.perplexity, rel=1e-5)
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+@pytest.mark.parametrize("family", MOE)
+def test_every_expert_matrix_pruned_exactly(root, tmp_path, family, pattern):
+    folder = tiny(family, root, **MOE[family])
+    out = tmp_path / "out"
+    assert run_cli(folder, "--sparsity", "0.5", "--pattern", pattern, "-o", out, "-q") == 0
+    before, after = tensors(folder), tensors(out)
+    assert set(after) == set(before)  # the on-disk layout is kept, per-expert names included
+    assert all(after[n].shape == before[n].shape and after[n].dtype == before[n].dtype for n in before)
+    report = json.loads((out / "llmprune.json").read_text())["sparsity"]["matrices"]
+    model = load(out)
+    views = expert_views(model)
+    experts = [n for n in report if ".experts." in n]
+    assert len(experts) == 3 * 4 * (1 if family == "deepseek_v3" else 2)  # gate, up, down of 4 experts per MoE layer
+    for name, line in report.items():
+        matrix = after[name] if name in after else views[name]  # (out, in): a checkpoint tensor, or a fused one's part
+        assert line["numel"] == matrix.numel() and zeros(matrix) == round(line["achieved"] * matrix.numel())
+        assert zeros(matrix) == round(0.5 * matrix.numel()), name
+        if pattern == "2:4":
+            assert bool(((matrix.reshape(matrix.shape[0], -1, 4) == 0).sum(-1) == 2).all()), name
+    for label, view in views.items():  # in memory after from_pretrained: every expert half at 50 %
+        assert zeros(view) == view.numel() // 2, label
+    for name in before:  # routers, shared-expert gates, norms and biases bit-identical
+        if name.endswith(ROUTERS) or before[name].dim() == 1 or name.endswith("_bias"):
+            assert torch.equal(after[name], before[name]), name
+
+
+def test_ratio_rules_reach_each_half_of_a_fused_gate_up(root, tmp_path):
+    """A rule on Mixtral's w3 (the up half once fused) prunes exactly that half."""
+    folder = tiny("mixtral", root)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text('"*.w3.weight": 0.25\n"*.self_attn.*": 0.0\n')
+    out = tmp_path / "out"
+    assert run_cli(folder, "--sparsity", "0.5", "--ratios", rules, "-o", out, "-q") == 0
+    after = tensors(out)
+    views = expert_views(load(out))
+    for index in range(2):
+        assert zeros(after[f"model.layers.{index}.self_attn.q_proj.weight"]) == 0
+        for e in range(4):
+            stem = f"model.layers.{index}.block_sparse_moe.experts.{e}"
+            assert zeros(after[f"{stem}.w1.weight"]) == 768 and zeros(after[f"{stem}.w3.weight"]) == 384
+            fused = f"model.layers.{index}.mlp.experts.gate_up_proj[{e}]"
+            assert zeros(views[f"{fused}.gate"]) == 768 and zeros(views[f"{fused}.up"]) == 384
+
+
+@pytest.mark.parametrize("family, method", [("mixtral", "wanda"), ("qwen2_moe", "sparsegpt"), ("gpt_oss", "sparsegpt")])
+def test_calibrated_methods_prune_experts(root, tmp_path, family, method):
+    folder = tiny(family, root, **MOE[family])
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(2))
+    cfg = PruneConfig(model=str(folder), output=str(tmp_path / "out"), method=method, sparsity=0.5)
+    matrices = prune(cfg, progress=False, calib_ids=ids)["sparsity"]["matrices"]
+    assert all(line["achieved"] == 0.5 for line in matrices.values()), matrices
+    logits = load(tmp_path / "out")(ids).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_wanda_scores_each_expert_by_its_routed_tokens(root, tmp_path):
+    """Layer 0's experts keep what Wanda keeps with the norms of the rows the router sent them."""
+    from llmprune.criteria import wanda
+    from llmprune.masks import Pattern
+
+    folder = tiny("qwen3_moe", root)
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(3))
+    src = open_source(str(folder))
+    acts = Activations(ModelWithoutLayers(src.layout, src.checkpoint.read, torch.device("cpu")), ids, 4,
+                       torch.device("cpu"))
+    layer = next(layers(src.checkpoint, src.layout, torch.device("cpu"), progress=False))
+    module = layer.module()
+    (block,) = find_moe(module)
+    with record_routing(module, block) as seen:
+        acts.forward(module, 0)
+    cfg = PruneConfig(model=str(folder), output=str(tmp_path / "out"), method="wanda", sparsity=0.5)
+    prune(cfg, progress=False, calib_ids=ids)
+    after = tensors(tmp_path / "out")
+    gate_up = block.weights[0]
+    for e in range(4):
+        rows = torch.cat([r.rows for r in seen[e]])
+        stats = wanda.init_stats(torch.empty(1, rows.shape[1]))
+        wanda.accumulate(stats, rows)
+        weight = gate_up.view(module.get_parameter(gate_up.param()), e, "gate")
+        want, _ = wanda.prune(weight, 0.5, Pattern.parse("unstructured"), stats)
+        assert torch.equal(after[f"model.layers.0.mlp.experts.{e}.gate_proj.weight"], want), e
+
+
+def test_cli_eval_and_wanda_on_a_tokenized_mixtral(tmp_path, calib_text):
+    from llmprune.packaged import smollm2_checkpoint
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("mixtral", **{**FAMILIES["mixtral"], "vocab_size": 49152})
+    folder = tmp_path / "mixtral"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        shutil.copy(smollm2_checkpoint() / name, folder / name)
+    for mode in ("--stream", "--no-stream"):
+        assert run_cli("eval", folder, "--data", calib_text, "--seqlen", "32", "--max-windows", "2", mode, "-q") == 0
+    out = tmp_path / "out"
+    assert run_cli(folder, "--method", "wanda", "--pattern", "2:4", "--calib-data", calib_text, "--nsamples", "2",
+                   "--seqlen", "32", "-o", out, "-q") == 0
+    after = tensors(out)
+    for e in range(4):
+        w2 = after[f"model.layers.1.block_sparse_moe.experts.{e}.w2.weight"]  # (32, 48): 2 of every 4 inputs
+        assert ((w2.reshape(32, 12, 4) == 0).sum(-1) == 2).all()
+
+
+def test_uncovered_weight_is_named(tmp_path, monkeypatch, caplog):
+    from transformers.models.mixtral import modeling_mixtral
+
+    init = modeling_mixtral.MixtralDecoderLayer.__init__
+
+    def with_extra(self, config, layer_idx):
+        init(self, config, layer_idx)
+        self.extra_proj = torch.nn.Parameter(torch.randn(8, config.hidden_size))
+
+    monkeypatch.setattr(modeling_mixtral.MixtralDecoderLayer, "__init__", with_extra)
+    torch.manual_seed(0)
+    folder = tmp_path / "mixtral"
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("mixtral", **FAMILIES["mixtral"])).save_pretrained(folder)
+    with caplog.at_level(logging.WARNING, logger="llmprune"):
+        assert run_cli(folder, "--sparsity", "0.5", "-o", tmp_path / "out", "-q") == 0
+    named = [r.getMessage() for r in caplog.records if "model.layers.*.extra_proj" in r.getMessage()]
+    assert len(named) == 1, caplog.text
+    assert torch.equal(tensors(tmp_path / "out")["model.layers.1.extra_proj"], tensors(folder)["model.layers.1.extra_proj"])
+
+
+def test_quantized_experts_refused(root, tmp_path, capsys):
+    folder = tmp_path / "fp8"
+    shutil.copytree(tiny("mixtral", root), folder)
+    state = tensors(folder)
+    state["model.layers.0.block_sparse_moe.experts.0.w1.weight_scale_inv"] = torch.ones(1, 1)
+    for file in folder.glob("*.safetensors"):
+        file.unlink()
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    expect_error(capsys, tmp_path, [folder, "--sparsity", "0.5"], "FP8")
+
+
+def test_inspect_lists_expert_matrices(root, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_cli(tiny("gpt_oss", root), "--sparsity", "0.5", "-o", out, "-q") == 0
+    capsys.readouterr()
+    assert run_cli("inspect", out, "--json", "-q") == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = {m["name"]: m for m in report["matrices"]}
+    assert rows["model.layers.1.mlp.experts.gate_up_proj[3].up"]["shape"] == [48, 32]
+    assert rows["model.layers.1.mlp.experts.down_proj[3]"]["zeros"] == 48 * 32 // 2
+    assert sum(".experts." in n for n in rows) == 24
