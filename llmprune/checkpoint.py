@@ -81,7 +81,6 @@ def resolve(model: str, revision: str | None = None, weights: bool = True) -> tu
 
 class Shard:
     """One safetensors file: its header, and positional reads of its tensors."""
-
     def __init__(self, path: Path, header: tuple[bytes, int] | None = None):
         """``header``: the JSON header and file size when they were fetched without the file."""
         self.path = path
@@ -142,7 +141,6 @@ class Shard:
 
 class Checkpoint:
     """The safetensors weights of a Hugging Face folder, single-file or sharded with an index."""
-
     def __init__(self, folder: Path):
         self.folder = folder
         index = folder / INDEX_NAME

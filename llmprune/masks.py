@@ -24,7 +24,6 @@ STRUCTURED = ("channels", "heads", "kv-heads", "layers")
 @dataclass(frozen=True)
 class Pattern:
     """How a matrix is pruned: "unstructured", or N:M with ``n`` zeroed of every ``m``."""
-
     kind: str = "unstructured"
     n: int = 0
     m: int = 0

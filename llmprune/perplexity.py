@@ -67,7 +67,6 @@ TASKS_NEED_LM_EVAL = "--tasks needs the lm-eval package: pip install lm-eval"
 @dataclass
 class EvalResult:
     """Perplexity of one model on one set of windows, and how it was measured."""
-
     model: str
     data: str  # the concrete source ("sotu", "wikitext2", a path), or what the caller called its windows
     perplexity: float
@@ -270,7 +269,6 @@ def _whole_nll(source: Source, windows: torch.Tensor, batch: int, device: torch.
 
 def load_model(source: Source, device: torch.device, dtype: torch.dtype, progress: bool = True) -> torch.nn.Module:
     """The whole model of ``source`` on ``device`` in eval mode, read tensor by tensor under a "load" bar."""
-
     try:
         return load_whole(source.layout, source.checkpoint.read, device, dtype, progress)
     except LlmpruneError:
@@ -295,7 +293,6 @@ def _forward_nll(model: torch.nn.Module, windows: torch.Tensor, batch: int, devi
 def _streamed_nll(source: Source, windows: torch.Tensor, batch: int, device: torch.device, dtype: torch.dtype,
                   progress: bool) -> torch.Tensor:
     """Every batch through layer i, then i + 1, ... on the layer stream; each layer read once."""
-
     layout, checkpoint = source.layout, source.checkpoint
     outer = ModelWithoutLayers(layout, checkpoint.read, device, dtype)
     # Hidden states of every window wait between layers on the device when they fit, else on the CPU.
@@ -371,7 +368,6 @@ def run(cfg: EvalConfig, command: str | None = None, progress: bool = True) -> E
 
 
 def write_json(result: EvalResult, cfg: EvalConfig, command: str | None, path: Path) -> None:
-
     report = {"format": "llmprune-eval/1", "command": command, **result.to_dict(), "config": cfg.to_dict(),
               "versions": versions()}
     try:

@@ -94,7 +94,6 @@ SPARSITY_CHART = "sparsity.png"
 
 def sparsity_chart(recipe: dict, folder: Path) -> dict[str, str]:
     """The per-layer sparsity bar chart beside the model; without matplotlib, a warning and no chart."""
-
     sp = recipe["sparsity"]
     kind = "owl" if "owl" in recipe else recipe["config"].get("schedule") or recipe["config"].get("ratios") or "uniform"
     try:

@@ -27,7 +27,6 @@ _QUIET_LIBRARIES = ("transformers", "huggingface_hub", "accelerate", "datasets",
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per record: time, level, logger, message, and any ``extra={"data": {...}}``."""
-
     def format(self, record: logging.LogRecord) -> str:
         event = {"time": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
                  "message": record.getMessage()}
@@ -89,7 +88,6 @@ def track(items: Iterable[T], desc: str, unit: str = "it", total: int | None = N
 
 class JsonBar:
     """The JSON-lines counterpart of a tqdm bar: ``start``, throttled ``progress`` with ETA, ``done``."""
-
     def __init__(self, items: Iterable[T], desc: str, unit: str, total: int | None, enabled: bool):
         self.items, self.desc, self.unit, self.total, self.enabled = items, desc, unit, total, enabled
         self.postfix: dict = {}

@@ -28,7 +28,6 @@ from .errors import LlmpruneError
 @dataclass(frozen=True)
 class Matrix:
     """A prunable matrix as ratio assignment sees it."""
-
     name: str  # checkpoint tensor name
     numel: int
     layer: int
@@ -61,8 +60,7 @@ def load_rules(path: str | Path) -> list[Rule]:
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as err:
-        first = str(err).strip().splitlines()[0]
-        raise LlmpruneError(f"ratio file {path} does not parse: {first}") from None
+        raise LlmpruneError(f"ratio file {path} does not parse: {_parse_error(err)}") from None
     if data is None:  # an empty file or one holding only comments
         data = {}
     if isinstance(data, dict):
@@ -86,6 +84,17 @@ def load_rules(path: str | Path) -> list[Rule]:
     if not rules:
         raise LlmpruneError(f"ratio file {path} has no rules")
     return rules
+
+
+def _parse_error(err: Exception) -> str:
+    """A YAML or JSON parse error in one line, with the line and column where it was found."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is not None:  # YAML: 0-based line and column of the problem
+        problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    if isinstance(err, json.JSONDecodeError):
+        return f"line {err.lineno}, column {err.colno}: {err.msg}"
+    return str(err).strip().splitlines()[0]
 
 
 def parse_schedule(text: str) -> float:

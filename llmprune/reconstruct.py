@@ -275,7 +275,6 @@ def obs_costs(weight: torch.Tensor, stats: Stats, columns: torch.Tensor, percdam
 @dataclass(frozen=True)
 class Removal:
     """What ``greedy_removal`` decided, and the re-fitted weight."""
-
     removed: torch.Tensor  # (steps,) int64: units in the order they were removed
     costs: torch.Tensor  # (steps,) float32: each step's cost; they sum to the rise of the dampened objective
     keep: torch.Tensor  # (k,) int64: the kept input columns, ascending

@@ -78,14 +78,12 @@ class ResumableStep(Protocol):
 @runtime_checkable
 class AppendingWriter(Protocol):
     """A writer whose files grow as it writes (sparse-bitmask): its end offsets go into the journal."""
-
     def state(self) -> dict: ...
 
 
 @dataclass
 class BeforeStream:
     """Results computed before the layer stream, kept so that a resumed run need not redo them."""
-
     eval_dense: dict | None = None  # the input's perplexity on the evaluation windows
     owl: dict | None = None  # OWL: per-matrix "targets" and per-layer "outlier_ratios"
     influence: dict | None = None  # --pattern layers: block influence "scores" and the "calibration" used
@@ -94,7 +92,6 @@ class BeforeStream:
 @dataclass
 class Journal:
     """What an interrupted run completed, kept durable in ``folder/.resume``."""
-
     folder: Path  # the partial output folder
     key: str
     layers_done: int = 0

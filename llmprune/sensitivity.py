@@ -55,7 +55,6 @@ Linears = dict[str, tuple[Linear, nn.Module]]  # checkpoint name -> (linear, its
 def prune_linears(criterion: ModuleType, linears: Linears, originals: dict[str, torch.Tensor], sparsity: float,
                   stats: dict, norm: str) -> None:
     """Set each linear's weight to its original pruned at ``sparsity`` (unstructured), in place."""
-
     for name, (lin, sub) in linears.items():
         pruned, _ = criterion.prune(as_out_in(originals[name], lin), sparsity, Pattern(), stats.get(name), norm)
         as_out_in(sub.weight, lin).copy_(pruned)
@@ -79,7 +78,6 @@ def relative_error(acts: Activations, module: nn.Module, index: int, dense: list
 @dataclass
 class DamageStep:
     """Engine step (writes nothing): the layer's reconstruction error at each ratio, then the dense states advance."""
-
     criterion: ModuleType
     sparsities: tuple[float, ...]
     norm: str
@@ -131,7 +129,6 @@ def model_stats(criterion: ModuleType, model: nn.Module, linears: Linears, ids: 
 @torch.no_grad()
 def ppl_damage(cfg: SensitivityConfig, source: Source, device: torch.device, progress: bool) -> tuple[list[dict], float]:
     """Perplexity with one layer pruned at a time, on a model held in memory; and the dense perplexity."""
-
     criterion = criteria.get(cfg.method)
     windows = load_windows(source.folder, resolve_source(cfg.eval), cfg.eval_seqlen, cfg.eval_max_windows)
     ids = calibration_ids(cfg.probe(cfg.sparsity), source) if criterion.needs_calibration else None

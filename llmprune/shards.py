@@ -134,7 +134,6 @@ def _write_index(folder: Path, files: list[str], shard_of: dict[str, int], total
 @dataclass(frozen=True)
 class Planned:
     """A tensor whose size is known only when it arrives: its name, dtype, rank and estimated bytes."""
-
     name: str
     dtype: torch.dtype
     ndim: int

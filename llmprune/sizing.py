@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class LayerNeeds:
     """The big buffers of one calibrated layer step, in bytes."""
-
     weights: int  # the largest decoder layer
     stats: int  # criterion statistics for all its linears (SparseGPT's Hessians dominate)
     transient: int  # one calibration chunk through the layer (MLP intermediates, attention)
@@ -59,8 +58,6 @@ def activation_store(needs: LayerNeeds, device: torch.device, budget: dict[str, 
 
 
 CALIB_BATCH = 8  # calibration windows per forward call on an accelerator (and the most on any device)
-
-
 CPU_CHUNK_TOKENS = 1024  # tokens per forward call on the CPU, where small chunks stay in cache
 
 
@@ -73,13 +70,20 @@ def calibration_batch(device: torch.device, seqlen: int) -> int:
     return max(1, min(CALIB_BATCH, CPU_CHUNK_TOKENS // max(seqlen, 1)))
 
 
+def largest_layer(source: Source, itemsize: int | None = None) -> int:
+    """Bytes of the largest decoder layer's tensors: as stored, or at ``itemsize`` bytes an element."""
+    spec = source.checkpoint.spec
+    per_layer = group_names(source.checkpoint, source.layout)[1]
+    size = (lambda n: spec(n).nbytes) if itemsize is None else (lambda n: math.prod(spec(n).shape) * itemsize)
+    return max((sum(size(n) for n in names) for names in per_layer), default=0)
+
+
 def layer_needs(cfg: PruneConfig, source: Source) -> LayerNeeds:
     """The big buffers of one layer step of ``cfg``, from the checkpoint's shapes and config."""
     criterion = criteria.get(cfg.method)
     calibrated = criterion.needs_calibration or cfg.ratios == "owl"
-    _, per_layer = group_names(source.checkpoint, source.layout)
     spec = source.checkpoint.spec
-    weights = max((sum(spec(n).nbytes for n in names) for names in per_layer), default=0)
+    weights = largest_layer(source)
     stats_bytes = getattr(criterion, "stats_bytes", None)
     stats = 0
     for index in range(source.layout.num_layers):
@@ -101,8 +105,7 @@ def layer_needs(cfg: PruneConfig, source: Source) -> LayerNeeds:
 def calibration_store(cfg: PruneConfig, source: Source, device: torch.device) -> torch.device:
     """Where calibration states live for passes that do not spill to disk (structured, sensitivity):
     the device when they fit its budget, else the CPU."""
-    store = activation_store(layer_needs(cfg, source), device, parse_budget(cfg.max_memory),
-                                    Path(os.devnull))
+    store = activation_store(layer_needs(cfg, source), device, parse_budget(cfg.max_memory), Path(os.devnull))
     return store if isinstance(store, torch.device) else torch.device("cpu")
 
 
@@ -120,7 +123,6 @@ def activations_store(device: torch.device, ids: torch.Tensor, hidden: int, targ
 def training_bytes(source: Source, cfg: FinetuneConfig, seqlen: int) -> int:
     """Rough whole-model training memory: float32 weights, gradients and optimiser state of the
     trained matrices, masks, and per-micro-batch activations and logits."""
-
     total = sum(source.checkpoint.spec(n).nbytes // source.checkpoint.spec(n).dtype.itemsize
                 for n in source.checkpoint.names)
     trained = sum(m.numel for m in prunable_matrices(source))
@@ -136,9 +138,7 @@ def training_bytes(source: Source, cfg: FinetuneConfig, seqlen: int) -> int:
 def blockwise_layer_bytes(source: Source, cfg: FinetuneConfig, seqlen: int) -> dict[str, int]:
     """The big buffers of training one decoder layer: float32 sparse and dense copies, the trained
     matrices' gradients and optimiser state, and one micro-batch's saved activations."""
-
-    per_layer = group_names(source.checkpoint, source.layout)[1]
-    numel = max((sum(math.prod(source.checkpoint.spec(n).shape) for n in names) for names in per_layer), default=0)
+    numel = largest_layer(source, itemsize=1)
     state = 2 if cfg.optim == "adamw8bit" else 8
     hidden = source.layout.config.get_text_config().hidden_size
     return {"of layer weights, gradients and optimiser state": numel * (4 * 3 + state + 1),
@@ -146,8 +146,6 @@ def blockwise_layer_bytes(source: Source, cfg: FinetuneConfig, seqlen: int) -> d
 
 
 WHOLE_MODEL_SHARE = 0.7  # whole-model evaluation or training when its memory fits in this share of what is free
-
-
 HIDDEN_ON_DEVICE_SHARE = 0.5  # streamed: hidden states stay on the device within this share of free memory
 
 
@@ -172,16 +170,12 @@ def weight_bytes(checkpoint: Checkpoint, dtype: torch.dtype) -> int:
 def check_budget(source: Source, stream: bool, batch: int, seqlen: int, device: torch.device, dtype: torch.dtype,
                  budget: dict[str, int]) -> None:
     """Refuse up front when the chosen mode cannot fit ``--max-memory``."""
-
     logits = batch * seqlen * source.layout.config.vocab_size * 4
     if not stream:
         require("whole-model evaluation", {"of weights": weight_bytes(source.checkpoint, dtype), "of logits": logits},
                 device, budget)
         return
-    size = torch.empty((), dtype=dtype).element_size()
-    per_layer = group_names(source.checkpoint, source.layout)[1]
-    layer = max((sum(source.checkpoint.spec(n).nbytes // source.checkpoint.spec(n).dtype.itemsize * size
-                     for n in names) for names in per_layer), default=0)
+    layer = largest_layer(source, itemsize=torch.empty((), dtype=dtype).element_size())
     require("streamed evaluation", {"for 2 layers in flight": 2 * layer, "of logits": logits}, device, budget)
 
 

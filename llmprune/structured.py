@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import masks
+from . import masks, reconstruct
 from .arch import Layout
 from .calibrate import calibration
 from .checkpoint import TensorSpec
@@ -53,6 +53,7 @@ from .units import (
 log = logging.getLogger(__name__)
 
 
+UNIT_SCORES = {"wanda": "output energy ||W_u X_u||^2", "sparsegpt": "OBS removal cost after re-fitting the rest"}
 UNIT_NAMES = {"channels": "MLP channels", "heads": "query heads per KV group", "kv-heads": "KV groups",
               "layers": "decoder layers"}
 
@@ -81,36 +82,23 @@ def unit_columns(readout: Owned, count: int) -> torch.Tensor:
 
 
 @dataclass
-class UnitGram:
-    """Per-unit Gram matrix of the readout's input, sum over tokens of x_u x_u^T: (units, w, w)."""
-
-    columns: torch.Tensor  # (units, w)
-    gram: torch.Tensor | None = None
-
-    @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1])[:, self.columns.to(x.device)].float()  # (T, units, w)
-        g = torch.einsum("tus,tuv->usv", x, x)
-        self.gram = g if self.gram is None else self.gram + g
-
-    def output_norms(self, weight: torch.Tensor) -> torch.Tensor:
-        """||W_u X_u||_F per unit, for the readout ``weight`` as (out, in)."""
-        if self.gram is None:
-            raise LlmpruneError("wanda needs calibration activations, but none reached this layer")
-        w = weight.float()[:, self.columns.to(weight.device)]  # (out, units, w)
-        energy = (torch.einsum("ous,ouv->usv", w, w) * self.gram.to(w.device)).sum(dim=(1, 2))
-        return energy.clamp(min=0).sqrt()
-
-
-@dataclass
 class UnitStep:
-    """Engine step for channels and heads: score each layer's units, remove the lowest, slice."""
+    """Engine step for channels and heads: score each layer's units, remove the lowest, slice.
+
+    With calibration states (``acts``), the readout's input moments are gathered as the states pass
+    through the layer; units are ranked by their output energy ||W_u X_u||^2 (``wanda``) or by their
+    OBS removal cost (``sparsegpt``: the rise in the readout's squared error when the unit goes and
+    the rest are re-fitted), and with ``reconstruct`` the readout's kept columns are re-fitted by least
+    squares to the dense output (``reconstruct.refit``) before the states move on.
+    """
 
     layout: Layout
     units: list[Units]
     remove: int  # units removed per block
     norm: str
-    acts: Activations | None = None  # set for wanda
+    acts: Activations | None = None  # set for calibrated ranking
+    score: str = "wanda"  # with acts: wanda (output energy) or sparsegpt (OBS removal cost)
+    reconstruct: bool = False
     removed: dict[int, list[int]] = field(default_factory=dict)
     zeros: dict[str, int] = field(default_factory=dict)  # elements removed per prunable matrix
 
@@ -132,9 +120,16 @@ class UnitStep:
         if module is None:
             scores = unit_norms(layer.tensors, units, names, self.norm)
         else:
-            scores = self.output_norms(module, layer.index, units)
+            readout = readout_view(layer.tensors[names[units.readout.name]], units.readout)  # (out, in) view
+            columns = unit_columns(units.readout, units.count)  # (units, w)
+            moments = self.readout_moments(module, layer.index, units)
+            scores = (reconstruct.obs_costs(readout, moments, columns) if self.score == "sparsegpt"
+                      else reconstruct.output_energy(readout, moments, columns))
         keep = masks.units(scores.view(units.blocks, units.per_block), self.remove).reshape(-1).cpu()
         self.removed[layer.index] = torch.nonzero(~keep).squeeze(1).tolist()
+        if module is not None and self.reconstruct:
+            kept = torch.nonzero((units.readout.owner < 0) | keep[units.readout.owner.clamp(min=0)]).squeeze(1)
+            readout[:, kept.to(readout.device)] = reconstruct.refit(readout, moments, kept)
         out = dict(layer.tensors)
         for owned in units.tensors:
             name = names[owned.name]
@@ -149,22 +144,26 @@ class UnitStep:
             self.zeros[name] = layer.tensors[name].numel() - out[name].numel()
         return out
 
-    def output_norms(self, module: torch.nn.Module, index: int, units: Units) -> torch.Tensor:
+    def readout_moments(self, module: torch.nn.Module, index: int, units: Units) -> reconstruct.InputMoments:
+        """The readout linear's input moments over every calibration token of this layer."""
         readout = module.get_submodule(units.readout.name.rsplit(".", 1)[0])
-        gram = UnitGram(unit_columns(units.readout, units.count))
-        handle = readout.register_forward_hook(lambda m, args, out: gram.add(args[0]))
+        moments = reconstruct.InputMoments(units.readout.owner.shape[0], device=self.acts.device)
+        handle = readout.register_forward_hook(lambda m, args, out: moments.add(args[0]))
         try:
             self.acts.forward(module, index)
         finally:
             handle.remove()
-        weight = readout.weight
-        return gram.output_norms(weight if units.readout.dim == 1 else weight.t())
+        return moments
+
+
+def readout_view(tensor: torch.Tensor, readout: Owned) -> torch.Tensor:
+    """The readout weight as (out, in), sharing storage (GPT-2's Conv1D stores it transposed)."""
+    return tensor if readout.dim == 1 else tensor.t()
 
 
 @dataclass
 class LayerDropStep:
     """Engine step for ``layers``: dropped layers write nothing, kept ones are renumbered."""
-
     layout: Layout
     dropped: set[int]
     zeros: dict[str, int] = field(default_factory=dict)
@@ -183,7 +182,6 @@ class LayerDropStep:
 @dataclass
 class InfluenceStep:
     """Read-only pass: block influence of each dense layer, 1 - mean cos(h_in, h_out) over tokens."""
-
     acts: Activations
     scores: list[float] = field(default_factory=list)
 
@@ -212,7 +210,6 @@ def removal_count(kind: str, per_block: int, ratio: float) -> int:
 @dataclass
 class Shrink:
     """A planned structured prune: the engine step, the output's tensor specs and config."""
-
     layout: Layout
     kind: str
     ratio: float
@@ -310,11 +307,13 @@ def plan(cfg: PruneConfig, source: Source, device: torch.device, progress: bool 
         i: {n: reduced_shape(units[i], n, tuple(p.shape), remove) for n, p in layout.layer_module(i).named_parameters()}
         for i in range(layout.num_layers)})
     acts = None
-    if cfg.method == "wanda":
+    if cfg.method in UNIT_SCORES:
         acts = _calibrated_activations(cfg, source, device)
-    step = UnitStep(layout, units, remove, cfg.norm, acts)
-    importance = ("output norm on calibration data (wanda)" if acts is not None
+    step = UnitStep(layout, units, remove, cfg.norm, acts, cfg.method, cfg.reconstruct and acts is not None)
+    importance = (f"{UNIT_SCORES[cfg.method]} on calibration data ({cfg.method})" if acts is not None
                   else f"{cfg.norm} norm of the unit's weights")
+    if step.reconstruct:
+        importance += "; kept readout columns re-fitted by least squares"
     before = {k: getattr(text, k, None) for k in values}
     log.info("%s: removing %d of %d %s in each of %d layers (%s)", kind, remove * units[0].blocks, units[0].count,
              UNIT_NAMES[kind], layout.num_layers, importance)

@@ -22,7 +22,6 @@ _INTERMEDIATE_KEYS = ("intermediate_size", "ffn_dim", "n_inner")
 @dataclass(frozen=True)
 class Owned:
     """The positions of one tensor of a decoder layer that belong to units, along one stored dim."""
-
     name: str  # parameter name inside the layer, e.g. "mlp.up_proj.weight"
     dim: int  # stored dimension the positions run along
     owner: torch.Tensor  # (size along dim,) int64: the unit of each position, -1 for none
@@ -51,7 +50,6 @@ class Units:
 @dataclass(frozen=True)
 class Dims:
     """The sizes structured pruning reads from a text config."""
-
     hidden: int
     heads: int
     kv_heads: int

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -73,3 +74,22 @@ def test_schedule_mean_property(base, spread, layers):
 def test_bad_schedules(text):
     with pytest.raises(LlmpruneError, match="malformed schedule"):
         ratios.parse_schedule(text)
+
+
+def test_the_readme_ratio_file_parses(tmp_path):
+    """The README's own example, extracted from it so that the two cannot drift apart."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("### Ratio files", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "rules.yaml"
+    path.write_text(block)
+    rules = ratios.load_rules(path)
+    assert [r.sparsity for r in rules] == [0.0, 0.3, 0.6]
+    assert rules[1].matches("model.layers.1.mlp.up_proj.weight")
+    assert not rules[1].matches("model.layers.11.mlp.up_proj.weight")
+
+
+def test_a_parse_error_names_its_line_and_column(tmp_path):
+    path = tmp_path / "rules.yaml"
+    path.write_text('"*.o_proj.weight": 0.0\n"re:.*layers\\.(0|1)\\..*": 0.3\n')
+    with pytest.raises(LlmpruneError, match=r"does not parse: line 2, column \d+: found unknown escape"):
+        ratios.load_rules(path)

@@ -41,7 +41,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def error_line(text: str, kind: str, message: str) -> None:
     """The one line a failure prints on stderr: text, or a JSON object in JSON mode."""
-
     if json_mode():
         emit({"event": kind, "level": "error", "message": message})
     else:

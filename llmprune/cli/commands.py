@@ -37,7 +37,6 @@ the same number in every KV group), kv-heads (whole KV groups with their query h
 
 class Parser(argparse.ArgumentParser):
     """argparse that reports usage errors as llmprune's one-line errors."""
-
     def error(self, message: str) -> None:
         raise LlmpruneError(message)
 
@@ -76,6 +75,8 @@ def prune_parser() -> argparse.ArgumentParser:
     c = p.add_argument_group("calibration (wanda, sparsegpt, --ratios owl)")
     add_calibration_options(c)
     c.add_argument("--true-sequential", action="store_true", help="prune a layer's linears group by group in execution order")
+    c.add_argument("--no-reconstruct", dest="reconstruct", action="store_false",
+                   help="structured channels/heads: do not re-fit the kept readout columns (on by default with calibration)")
     c.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold: scores above M x the layer mean")
     c.add_argument("--owl-lambda", type=float, default=0.08, help="OWL spread: layer sparsity within +/- lambda")
     e = p.add_argument_group("evaluation")
@@ -111,7 +112,7 @@ def run_prune(argv: list[str]) -> int:
         method=args.method, pattern=args.pattern, norm=args.norm, ratios=args.ratios, schedule=args.schedule,
         device=args.device, dtype=args.dtype, max_shard_size=args.max_shard_size, save_format=args.save_format,
         overwrite=args.overwrite, calib_data=args.calib_data, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-        true_sequential=args.true_sequential, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
+        true_sequential=args.true_sequential, reconstruct=args.reconstruct, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
         eval=args.eval, eval_seqlen=args.eval_seqlen, eval_max_windows=args.eval_max_windows,
         finetune=FinetuneConfig(model="", **finetune_options(args, "finetune-")) if args.finetune_steps else None,
         resume=args.resume, max_memory=args.max_memory, stream_from_hub=args.stream_from_hub,

@@ -143,7 +143,6 @@ def run_study(name: str, argv: list[str], parser: argparse.ArgumentParser, confi
 
 
 def run_sweep(argv: list[str]) -> int:
-
     args, _, result = run_study("sweep", argv, sweep_parser(), SweepConfig, sweep)
     by_sparsity = markdown(result).split("\n\n")[2]  # the perplexity table
     data = {k: result[k] for k in ("output", "dense", "points", "wall_time_s", "peak_rss_mb")}
@@ -175,7 +174,6 @@ def sensitivity_parser() -> argparse.ArgumentParser:
 
 
 def run_sensitivity(argv: list[str]) -> int:
-
     args, cfg, result = run_study("sensitivity", argv, sensitivity_parser(), SensitivityConfig, sensitivity)
     layers = [row["sparsity"] for row in result["layers"]]
     rows = [("model", result["model"]), ("metric", f"{cfg.metric}, {cfg.method} at {', '.join(map(str, cfg.sparsities))}"),

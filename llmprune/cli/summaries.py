@@ -74,7 +74,6 @@ def summary_data(recipe: dict) -> dict:
 
 def report(text: str, data: dict, quiet: bool) -> None:
     """The final summary: a table on stdout, or a ``summary`` JSON event in JSON mode."""
-
     if json_mode():  # scripts get the summary even with --quiet
         emit({"event": "summary", "level": "info", **data})
     elif not quiet:

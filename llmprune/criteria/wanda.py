@@ -23,7 +23,6 @@ needs_calibration = True
 @dataclass
 class InputNorms:
     """Running sum over tokens of each squared input feature, in float32 on the weight's device."""
-
     sum_sq: torch.Tensor  # (in,)
     tokens: int = 0
 

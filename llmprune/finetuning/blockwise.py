@@ -149,7 +149,6 @@ def mse(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
 
 def check_same_layout(sparse: Source, dense: Source) -> None:
     """The dense model must be the sparse one's origin: same layers, same tensor names and shapes."""
-
     a, b = group_names(sparse.checkpoint, sparse.layout)[1], group_names(dense.checkpoint, dense.layout)[1]
     if len(a) != len(b):
         raise LlmpruneError(f"the dense model has {len(b)} decoder layers, the pruned one {len(a)}")
@@ -190,7 +189,6 @@ def run_blockwise(cfg: FinetuneConfig, source: Source, dense: Source, ids: torch
                   out_dtype: torch.dtype, device: torch.device, precision: str, progress: bool,
                   journal: resume.Journal) -> BlockwiseStep:
     """Train and write every layer into ``tmp``, continuing after the journal's last completed layer."""
-
     check_same_layout(source, dense)
     outer = ModelWithoutLayers(source.layout, source.checkpoint.read, device, torch.float32)
     hidden = source.layout.config.get_text_config().hidden_size

@@ -18,7 +18,6 @@ from ..devices import resolve_device
 @dataclass
 class Processes:
     """This process's place among those ``accelerate launch`` or ``torchrun`` started (1 alone)."""
-
     rank: int = 0
     world: int = 1
     local_rank: int = 0
