@@ -30,7 +30,7 @@ from .plots import sparsity_chart
 from .recipe import Recipe, peak_rss_mb, save_summary, sparsity_summary, versions
 from .shards import make_writer
 from .sizing import activation_store, layer_needs
-from .source import Source, group_names, open_source
+from .source import Source, fused_experts, group_names, open_source
 from .steps import make_step, plan_sparsity
 from .stream import Activations, Step, output_specs, run
 
@@ -135,6 +135,7 @@ def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True,
     source = open_source(cfg.model, cfg.revision, cfg.stream_from_hub)
     output = Path(cfg.output) if cfg.output else default_output(cfg.model, output_label(cfg))
     check_output(output, source.folder, cfg.overwrite)
+    check_supported(cfg, source)
     targets = plan_sparsity(cfg, source)
     device = resolve_device(cfg.device)
     journal = resume.open_partial(output, resume.run_key(cfg.to_dict(), source.checkpoint.fingerprint(), versions()),
@@ -173,6 +174,22 @@ def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True,
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("wrote %s", output)
     return {**recipe.to_dict(), "output": str(output)}
+
+
+def check_supported(cfg: PruneConfig, source: Source) -> None:
+    """Refuse, before anything is written, what would handle routed experts wrongly."""
+    experts = fused_experts(source)
+    if not experts:
+        return
+    if cfg.parsed_pattern.structured:
+        raise LlmpruneError(f"--pattern {cfg.pattern} is not supported on mixture-of-experts models yet: its "
+                            f"{experts} routed expert matrices would be left out; use an unstructured or N:M pattern")
+    if cfg.finetune is not None and cfg.finetune.steps > 0:
+        raise LlmpruneError("--finetune-steps is not supported on mixture-of-experts models yet: the fine-tune "
+                            "would not keep the zeros of the routed experts")
+    if cfg.save_format != "dense" and any(name not in source.checkpoint for name in plan_sparsity(cfg, source)):
+        raise LlmpruneError(f"--save-format {cfg.save_format} cannot store experts fused on disk yet: use "
+                            "--save-format dense")
 
 
 def evaluation_windows(cfg: PruneConfig, source: Source, journal: resume.Journal, recipe: Recipe,

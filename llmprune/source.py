@@ -70,6 +70,11 @@ def open_source(model: str, revision: str | None = None, stream_from_hub: bool =
     return Source(folder, info, checkpoint, layout)
 
 
+def fused_experts(source: Source) -> int:
+    """How many routed expert matrices ``source`` holds in fused (E, ., .) tensors."""
+    return sum(len(source.layout.expert_matrices(i)) for i in range(source.layout.num_layers))
+
+
 def match_experts(layout: Layout, names: Iterable[str]) -> None:
     """Fill ``layout``'s mixture-of-experts fields for a checkpoint holding ``names``: each layer's
     MoE blocks, the plan of each layer not stored one to one, and every expert matrix. Routers and

@@ -224,3 +224,26 @@ def test_inspect_lists_expert_matrices(root, tmp_path, capsys):
     assert rows["model.layers.1.mlp.experts.gate_up_proj[3].up"]["shape"] == [48, 32]
     assert rows["model.layers.1.mlp.experts.down_proj[3]"]["zeros"] == 48 * 32 // 2
     assert sum(".experts." in n for n in rows) == 24
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--pattern", "channels", "--sparsity", "0.25"], "not supported on mixture-of-experts models yet"),
+    (["--pattern", "layers", "--sparsity", "0.5"], "not supported on mixture-of-experts models yet"),
+    (["--sparsity", "0.5", "--finetune-steps", "2"], "would not keep the zeros of the routed experts"),
+])
+def test_what_would_mishandle_experts_is_refused(root, tmp_path, capsys, args, message):
+    """Structured patterns and fine-tuning do not know routed experts yet: one line, exit 2, nothing written."""
+    expect_error(capsys, tmp_path, [tiny("mixtral", root), *args], message)
+
+
+def test_finetune_command_refuses_experts(root, tmp_path, capsys):
+    capsys.readouterr()
+    code = run_cli("finetune", tiny("qwen3_moe", root), "-o", tmp_path / "ft", "--steps", "1", "-q")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "fine-tuning a mixture-of-experts model is not supported yet" in err, err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "ft").exists()
+
+
+def test_sparse_save_of_experts_fused_on_disk_is_refused(root, tmp_path, capsys):
+    expect_error(capsys, tmp_path, [tiny("gpt_oss", root), "--pattern", "2:4", "--save-format", "sparse-bitmask"],
+                 "cannot store experts fused on disk yet")

@@ -49,6 +49,7 @@ from ..sizing import choose_mode
 from ..source import (
     Source,
     capped_seqlen,
+    fused_experts,
     input_identity,
     open_source,
     prunable_matrices,
@@ -105,6 +106,9 @@ def finetune(cfg: FinetuneConfig, command: str | None = None, progress: bool = T
         raise LlmpruneError(f"output {output} is the input folder: add --overwrite to replace it")
     if not in_place:
         check_output(output, source.folder, cfg.overwrite)
+    if fused_experts(source):
+        raise LlmpruneError(f"fine-tuning a mixture-of-experts model is not supported yet: the zeros of its "
+                            f"{fused_experts(source)} routed expert matrices would not be kept")
     recipe_in = read_recipe(source.folder)
     device = procs.device(cfg.device)
     if cfg.optim == "adamw8bit" and device.type == "cpu":
