@@ -175,6 +175,7 @@ FINETUNE_MODES = ("auto", "whole", "blockwise")
 OPTIMIZERS = ("adamw", "adamw8bit")
 PRECISIONS = ("auto", "fp32", "bf16")
 BLOCKWISE_TARGETS = ("dense-layer", "dense-model")
+FINETUNE_LOSSES = ("lm", "distill", "lm+distill")
 DISTRIBUTED = ("ddp", "fsdp")
 
 
@@ -201,6 +202,10 @@ class FinetuneConfig(Options):
     dense: str | None = None  # block-wise targets; None: the input recorded in llmprune.json
     targets: str = "dense-layer"  # block-wise: the dense layer on the sparse inputs, or the dense model's states
     distributed: str = "ddp"  # whole mode under several processes: ddp (replicas) or fsdp (sharded)
+    # whole mode: next-token loss on the text (lm), KL from the dense model's next-token distribution
+    # (distill; the dense model runs beside the student), or their sum
+    loss: str = "lm"
+    temperature: float = 1.0  # distill: both distributions softened by this temperature (loss scaled by T^2)
     seed: int = 0
     device: str = "auto"
     dtype: str | None = None  # output dtype; None keeps the input's
@@ -214,16 +219,18 @@ class FinetuneConfig(Options):
     def __post_init__(self) -> None:
         self.check_ints({"steps": 0, "batch_size": 1, "grad_accum": 1, "seqlen": 2, "nsamples": 1, "warmup": 0,
                          "seed": 0, "eval_seqlen": 2, "eval_max_windows": 1}, ("nsamples", "warmup", "eval_max_windows"))
-        for name in ("lr", "weight_decay", "max_grad_norm"):
+        for name in ("lr", "weight_decay", "max_grad_norm", "temperature"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise LlmpruneError(f"--{name.replace('_', '-')} must be a number, got {value!r}")
         if not self.lr > 0:
             raise LlmpruneError(f"--lr must be > 0, got {self.lr}")
+        if not self.temperature > 0:
+            raise LlmpruneError(f"--temperature must be > 0, got {self.temperature}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise LlmpruneError("--weight-decay and --max-grad-norm must be >= 0")
         for name, choices in (("mode", FINETUNE_MODES), ("optim", OPTIMIZERS), ("precision", PRECISIONS),
-                              ("targets", BLOCKWISE_TARGETS), ("distributed", DISTRIBUTED)):
+                              ("targets", BLOCKWISE_TARGETS), ("distributed", DISTRIBUTED), ("loss", FINETUNE_LOSSES)):
             if getattr(self, name) not in choices:
                 raise LlmpruneError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         self.check_placement()

@@ -132,7 +132,10 @@ def training_bytes(source: Source, cfg: FinetuneConfig, seqlen: int) -> int:
     per_layer = 4 if cfg.gradient_checkpointing else 24  # saved activations per token, in hidden sizes
     acts = tokens * config.hidden_size * 4 * (per_layer * source.layout.num_layers)
     logits = 3 * tokens * config.vocab_size * 4
-    return 4 * total + (4 + state + 1) * trained + acts + logits
+    # distillation: the dense teacher in float32 beside the student (its size taken as the student's,
+    # exact for unstructured pruning, low for a structured one) and its logits
+    teacher = 4 * total + tokens * config.vocab_size * 4 if cfg.loss != "lm" else 0
+    return 4 * total + (4 + state + 1) * trained + acts + logits + teacher
 
 
 def blockwise_layer_bytes(source: Source, cfg: FinetuneConfig, seqlen: int) -> dict[str, int]:

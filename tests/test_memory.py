@@ -125,7 +125,7 @@ def test_states_spilled_to_disk_give_the_same_model_and_resume(tiny_with_tokeniz
                          text=True)
     assert res.returncode == -9, res.stderr[-2000:]
     [partial] = [p for p in tmp_path.iterdir() if ".partial-" in p.name]
-    assert sorted(p.name for p in (partial / ".resume" / "acts-1").iterdir()) == ["chunk-0.pt"]
+    assert sorted(p.name for p in (partial / ".resume" / "states-1").iterdir()) == ["chunk-0.pt"]
     assert list((partial / ".resume" / "spill").glob("g*-0.pt")), "states were not spilled to disk"
     with caplog.at_level(logging.INFO, logger="llmprune"):
         assert run_cli(*spilled) == 0

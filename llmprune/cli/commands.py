@@ -224,6 +224,9 @@ def add_finetune_options(group, prefix: str = "") -> None:
         help="block-wise: dense-layer (the dense layer on the sparse inputs) or dense-model (the dense model's states)")
     opt("distributed", default="ddp",
         help="whole mode under accelerate launch/torchrun: ddp (a replica per process) or fsdp (sharded)")
+    opt("loss", *alias("loss"), default="lm",
+        help="whole mode: lm (next-token loss, default), distill (KL from the dense model) or lm+distill")
+    opt("temperature", type=float, default=1.0, help="distill: softmax temperature of both models (default 1)")
     opt("seed", type=int, default=0, help="training data sampling seed")
 
 
@@ -251,7 +254,7 @@ def finetune_options(args: argparse.Namespace, prefix: str = "") -> dict:
     """FinetuneConfig keyword arguments from options added by ``add_finetune_options``."""
     names = ("steps", "mode", "data", "nsamples", "seqlen", "batch_size", "grad_accum", "lr", "warmup", "weight_decay",
              "max_grad_norm", "optim", "train_norms", "gradient_checkpointing", "precision", "dense", "targets", "distributed",
-             "seed")
+             "loss", "temperature", "seed")
     key = prefix.replace("-", "_")
     return {name: getattr(args, key + name) for name in names}
 

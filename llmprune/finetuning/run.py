@@ -41,6 +41,7 @@ from .. import data as data_sources
 from .. import resume
 from ..card import finetune_card
 from ..config import FinetuneConfig
+from ..distill import check_vocab
 from ..errors import LlmpruneError
 from ..output import check_output, copy_aux_files, default_output, replace_folder
 from ..perplexity import check_windows, evaluate, load_windows
@@ -118,7 +119,13 @@ def finetune(cfg: FinetuneConfig, command: str | None = None, progress: bool = T
     mode = "whole" if cfg.mode == "auto" and procs.world > 1 else choose_mode(cfg, source, device, seqlen)
     if mode == "blockwise" and procs.world > 1:
         raise LlmpruneError("block-wise fine-tuning runs in one process: start it without accelerate launch/torchrun")
-    dense = open_source(dense_model(cfg, recipe_in)) if mode == "blockwise" else None
+    if mode == "blockwise" and cfg.loss != "lm":
+        raise LlmpruneError(f"--loss {cfg.loss} is for whole-model fine-tuning: block-wise mode already learns "
+                            "from the dense model's layers")
+    dense = open_source(dense_model(cfg, recipe_in)) if mode == "blockwise" or cfg.loss != "lm" else None
+    if dense is not None and cfg.loss != "lm":
+        check_vocab(source.layout.config.get_text_config().vocab_size, dense.layout.config.get_text_config().vocab_size,
+                    source.folder, dense.folder)
     data = training_data(cfg, recipe_in)
     out_dtype = cfg.torch_dtype or stored_dtype(source)
     procs.start(device)
@@ -138,8 +145,11 @@ def finetune(cfg: FinetuneConfig, command: str | None = None, progress: bool = T
         windows = check_windows(windows, getattr(source.layout.config, "vocab_size", None))
         section: dict = {"mode": mode, "data": data if data == "windows" else data_sources.resolve_source(data), "windows": windows.shape[0], "seqlen": windows.shape[1],
                          "processes": procs.world, "device": str(device), "precision": precision}
+        if cfg.loss != "lm":
+            section["teacher"] = {"model": dense_model(cfg, recipe_in), "path": str(dense.folder), "where": "alongside",
+                                  "loss": cfg.loss, "temperature": cfg.temperature}
         if mode == "whole":
-            trained = train_whole(cfg, source, windows, device, precision, procs, progress)
+            trained = train_whole(cfg, source, windows, device, precision, procs, progress, teacher=dense)
             if not procs.main:
                 procs.barrier()
                 return {}

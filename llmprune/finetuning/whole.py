@@ -14,6 +14,7 @@ from torch import nn
 from ..arch import load_whole
 from ..config import FinetuneConfig
 from ..devices import parse_size
+from ..distill import kl_loss, lm_loss
 from ..errors import LlmpruneError, one_line
 from ..progress import track
 from ..shards import ShardWriter
@@ -71,9 +72,24 @@ class WholeRun:
     cpu_seconds: float  # its CPU time, all threads
 
 
+def step_loss(net: nn.Module, teacher: nn.Module | None, ids: torch.Tensor, cfg: FinetuneConfig) -> torch.Tensor:
+    """The loss of one micro-batch ``ids`` (B, T): next-token loss, KL from the teacher's next-token
+    distribution at ``cfg.temperature`` (scaled by T^2), or their sum."""
+    if cfg.loss == "lm":
+        return net(input_ids=ids, labels=ids).loss
+    logits = net(input_ids=ids).logits  # (B, T, V)
+    with torch.no_grad():
+        target = teacher(input_ids=ids).logits  # (B, T, V)
+    loss = kl_loss(logits, target, cfg.temperature)
+    return loss + lm_loss(logits, ids) if cfg.loss == "lm+distill" else loss
+
+
 def train_whole(cfg: FinetuneConfig, source: Source, windows: torch.Tensor, device: torch.device,
-                precision: str, procs: Processes, progress: bool) -> WholeRun:
-    """``cfg.steps`` optimiser steps over ``windows`` (steps * batch * accum rows, cycled when fewer)."""
+                precision: str, procs: Processes, progress: bool, teacher: Source | None = None) -> WholeRun:
+    """``cfg.steps`` optimiser steps over ``windows`` (steps * batch * accum rows, cycled when fewer).
+
+    ``teacher``: the dense model, for ``cfg.loss`` distill or lm+distill; it runs beside the student
+    in inference mode (both must fit in memory)."""
     from torch.nn.parallel import DistributedDataParallel
 
     if cfg.batch_size % procs.world:
@@ -95,6 +111,9 @@ def train_whole(cfg: FinetuneConfig, source: Source, windows: torch.Tensor, devi
     if procs.world > 1 and not sharded:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    dense = None
+    if cfg.loss != "lm":
+        dense = load_for_training(teacher, device, progress and procs.main).eval().requires_grad_(False)
     per_rank = cfg.batch_size // procs.world
     rows = cfg.batch_size * cfg.grad_accum
     losses: list[float] = []
@@ -108,7 +127,7 @@ def train_whole(cfg: FinetuneConfig, source: Source, windows: torch.Tensor, devi
             sync = micro == cfg.grad_accum - 1 or procs.world == 1
             with gradient_sync(net, sync, sharded):
                 with autocast(device, precision):
-                    loss = net(input_ids=ids, labels=ids).loss / cfg.grad_accum
+                    loss = step_loss(net, dense, ids, cfg) / cfg.grad_accum
                 loss.backward()
             total += loss.detach().item()
         masks.mask_grads()
