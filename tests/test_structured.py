@@ -209,8 +209,9 @@ def test_wanda_channels_rank_by_output_norm(tokenized, calib_text, tmp_path):
 
 def test_wanda_heads_equal_the_model_with_heads_zeroed(tokenized, calib_text, tmp_path):
     src, out = tokenized["qwen2"], tmp_path / "out"
-    assert run_cli(src, "--pattern", "heads", "--method", "wanda", "--sparsity", "0.5", "-o", out, "-q",
-                   "--calib-data", calib_text, *CALIB) == 0
+    # without the re-fit, so that only the removal itself is compared
+    assert run_cli(src, "--pattern", "heads", "--method", "wanda", "--sparsity", "0.5", "--no-reconstruct", "-o", out,
+                   "-q", "--calib-data", calib_text, *CALIB) == 0
     reference = load(src)
     removed = json.loads((out / "llmprune.json").read_text())["structured"]["removed"]
     for i, layer in enumerate(decoder_layers(reference)):
