@@ -119,6 +119,12 @@ def test_calibration_text_too_short(tiny_with_tokenizer, capsys, tmp_path):
                  "no calibration document longer than 64 tokens")
 
 
+def test_calibration_without_a_tokenizer(src, capsys, tmp_path):
+    """A folder with weights but no tokenizer: one line naming the folder, exit 2 (was a multi-line error)."""
+    expect_error(capsys, tmp_path, [src, "--method", "wanda", "--sparsity", "0.5", "--seqlen", "32", "--nsamples", "2"],
+                 f"cannot load a tokenizer from {src}")
+
+
 def test_evaluation_text_too_short(tiny_with_tokenizer, capsys, tmp_path):
     text = tmp_path / "short.txt"
     text.write_text("Only a few words here.")
