@@ -49,7 +49,7 @@ class Layout:
     _layers: nn.ModuleList = field(default=None, repr=False)
     # Mixtures of experts, filled by ``source.match_experts`` (arch and experts are independent
     # modules of one layer): per layer index its ``experts.MoeBlock``s and its ``experts.Expert``
-    # matrices, and the ``experts.LayerPlan`` of each layer whose tensors are not stored one to one.
+    # matrices, and the ``conversion.LayerPlan`` of each layer whose tensors are not stored one to one.
     moe: list[list] = field(default_factory=list)
     experts: list[list] = field(default_factory=list)
     plans: dict[int, object] = field(default_factory=dict)
@@ -75,7 +75,7 @@ class Layout:
         """Layer ``index``'s routed expert matrices (``experts.Expert``), each a prunable matrix."""
         return self.experts[index] if self.experts else []
 
-    def plan(self, index: int):  # -> experts.LayerPlan | None
+    def plan(self, index: int):  # -> conversion.LayerPlan | None
         """How layer ``index``'s checkpoint tensors become its parameters, when not one to one."""
         return self.plans.get(index)
 

@@ -16,7 +16,8 @@ from . import ratios
 from .arch import Layout, context_length, layout_of, load_config
 from .checkpoint import Checkpoint, resolve
 from .errors import LlmpruneError, one_line
-from .experts import UP, Expert, LayerPlan, conversion_rules, find_moe, plan_layer, uncovered_weights
+from .conversion import LayerPlan, conversion_rules, plan_layer
+from .experts import UP, Expert, find_moe, uncovered_weights
 from .hubstream import HubCheckpoint
 from .packaged import resolve_packaged
 

@@ -11,8 +11,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from llmprune.errors import LlmpruneError
+from llmprune.conversion import plan_layer
 from llmprune.experts import (
-    GATE, UP, ExpertWeight, MoeBlock, find_moe, plan_layer, record_routing, uncovered_weights,
+    GATE, UP, ExpertWeight, MoeBlock, find_moe, record_routing, uncovered_weights,
 )
 
 H, E, K = 32, 4, 2  # hidden size, experts, experts per token
