@@ -49,7 +49,7 @@ def prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, help="fraction of weights to zero, in [0, 1) (implied by N:M)")
     p.add_argument("--output", "-o", help="output folder (default: ./<model>-<method>-<sparsity>)")
     p.add_argument("--revision", help="Hub branch, tag or commit")
-    p.add_argument("--method", default="magnitude", help="magnitude (default), wanda or sparsegpt")
+    p.add_argument("--method", default="magnitude", help="magnitude (default), wanda, sparsegpt or admm")
     p.add_argument("--pattern", default="unstructured", help="unstructured (default), N:M (e.g. 2:4), or structured: channels, heads, kv-heads, layers")
     p.add_argument("--norm", default="l1", choices=["l1", "l2"], help="norm of a pruned unit's weights")
     p.add_argument("--ratios", help="YAML/JSON rules file (name pattern -> sparsity, first match wins), or owl")

@@ -14,9 +14,9 @@ from __future__ import annotations
 from types import ModuleType
 
 from ..errors import LlmpruneError
-from . import magnitude, sparsegpt, wanda
+from . import admm, magnitude, sparsegpt, wanda
 
-_REGISTRY: dict[str, ModuleType] = {"magnitude": magnitude, "sparsegpt": sparsegpt, "wanda": wanda}
+_REGISTRY: dict[str, ModuleType] = {"admm": admm, "magnitude": magnitude, "sparsegpt": sparsegpt, "wanda": wanda}
 
 
 def names() -> list[str]:
