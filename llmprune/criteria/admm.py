@@ -26,9 +26,9 @@ lower index); N:M zeroes exactly N of every M along the input dimension.
 Inputs that never fired (H_jj = 0) are not zeroed up front as SparseGPT does: their Hessian row is
 just the dampening, so their score is |W_ij| sqrt(damp) -- pruned early, but when kept, the re-fit
 leaves them at their original value (up to the re-fit's CG tolerance), which no calibration token
-can contradict. A weight that is kept but comes out exactly 0 (zero in the checkpoint already, or underflowing the dtype) is set to
-the dtype's smallest normal number with its sign and a warning counts them, so that the zeros of
-the returned weight are exactly the pruned ones.
+can contradict. A weight that is kept but comes out exactly 0 (zero in the checkpoint already, or
+underflowing the dtype) is set to the dtype's smallest normal number with its sign and a warning
+counts them, so that the zeros of the returned weight are exactly the pruned ones.
 
 ``norm`` is accepted for the common interface and changes nothing for single weights.
 """
