@@ -35,8 +35,8 @@ def layer(rows: int, cols: int, tokens: int = 256, seed: int = 0) -> tuple[torch
     return w, x
 
 
-def test_registry_names_the_three_criteria():
-    assert criteria.names() == ["magnitude", "sparsegpt", "wanda"]
+def test_registry_names_the_four_criteria():
+    assert criteria.names() == ["admm", "magnitude", "sparsegpt", "wanda"]
     assert criteria.get("wanda") is wanda and criteria.get("sparsegpt") is sparsegpt
 
 
