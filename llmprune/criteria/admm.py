@@ -49,14 +49,24 @@ log = logging.getLogger(__name__)
 
 needs_calibration = True
 
+# Defaults measured on SmolLM2-135M layers (W, H from 16 x 512 calibration tokens) at 60%: the squared
+# error relative to SparseGPT's, geometric mean over five matrices, was 0.511 with these; 0.612 with
+# rho 0.1 x 1.15 per step (too fast: the mask freezes early); 1.17 with rho 0.01 x 1.05 (too slow:
+# the mask is still moving when ADMM stops). Below rho 0.03 the start and the ramp barely matter
+# (0.511 for ramp 0, 5 or 10 at rho 0.01 x 1.1), nor do iterations past 40 (0.511 at 50 and 60).
 ITERATIONS = 40  # ADMM iterations, ramp included
-RAMP = 20  # iterations over which the sparsity grows to its target (0: the full target at once)
-RHO_START = 0.1  # penalty at the first iteration, relative to mean(diag H)
-RHO_GROWTH = 1.15  # factor per iteration: 0.1 -> about 23 after 40 iterations
+RAMP = 5  # iterations over which the sparsity grows to its target (0: the full target at once)
+RHO_START = 0.03  # penalty at the first W-step, relative to mean(diag H)
+RHO_GROWTH = 1.1  # factor per iteration: 0.03 -> 1.2 after 40 iterations
 REFIT = True  # re-fit the kept weights of the final mask exactly (batched conjugate gradients)
-REFIT_ITERATIONS = 100  # CG iterations at most; stops earlier at REFIT_TOLERANCE
+# The re-fit matters when rho ends large (0.612 vs 0.618 without, at rho 0.1 x 1.15), hardly with
+# rho 0.03 x 1.1 (0.511 vs 0.512 at 50 iterations): ADMM's last Z is then close to the least-squares
+# fit of its mask. 5 CG iterations gave 0.511 too; each costs half an ADMM iteration (one matmul).
+REFIT_ITERATIONS = 20  # CG iterations at most; stops earlier at REFIT_TOLERANCE
 REFIT_TOLERANCE = 1e-5  # relative residual norm of the masked normal equations, over the matrix
 PERCDAMP = 0.01  # dampening of H, a fraction of its mean diagonal, as SparseGPT
+# On the random layers of the tests, ADMM on the raw H (projection by |W|) left 0.3-1.1x SparseGPT's
+# error, 2-4x more than on the normalized one (0.17-0.29x).
 NORMALIZE = True  # ADMM on inputs scaled to a unit Hessian diagonal (Wanda-like projection)
 
 
