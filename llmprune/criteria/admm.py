@@ -212,7 +212,7 @@ def iterate(v0: torch.Tensor, spec: Spectrum, sparsity: float, pattern: Pattern,
             ramp: int = RAMP, rho_start: float = RHO_START, rho_growth: float = RHO_GROWTH) -> Iterator[State]:
     """ADMM on min tr((V - V0) h (V - V0)^T) s.t. the pattern; one State per iteration, the last at ``sparsity``."""
     target = v0 @ spec.h  # (out, in): V0 h, the least-squares right-hand side
-    v, u = v0, torch.zeros_like(v0)
+    v, u, z = v0, torch.zeros_like(v0), v0  # z: the last projection (set at iteration 0)
     rho = rho_start * spec.unit
     for it in range(iterations):
         if it:
