@@ -87,6 +87,7 @@ class BeforeStream:
     eval_dense: dict | None = None  # the input's perplexity on the evaluation windows
     owl: dict | None = None  # OWL: per-matrix "targets" and per-layer "outlier_ratios"
     influence: dict | None = None  # --pattern layers: block influence "scores" and the "calibration" used
+    mix: dict | None = None  # a structured mix: the counts and dropped layers chosen, and the search record
 
 
 @dataclass

@@ -99,6 +99,7 @@ class UnitStep:
     acts: Activations | None = None  # set for calibrated ranking
     score: str = "wanda"  # with acts: wanda (output energy) or sparsegpt (OBS removal cost)
     reconstruct: bool = False
+    advance: bool = True  # move the states on past the layer (False: a later step of the same layer does)
     removed: dict[int, list[int]] = field(default_factory=dict)
     zeros: dict[str, int] = field(default_factory=dict)  # elements removed per prunable matrix
 
@@ -138,7 +139,7 @@ class UnitStep:
                 gone = torch.nonzero((owned.owner >= 0) & ~keep[owned.owner.clamp(min=0)]).squeeze(1)
                 layer.tensors[name].index_fill_(owned.dim, gone.to(layer.tensors[name].device), 0)
             out[name] = layer.tensors[name].index_select(owned.dim, kept.to(layer.tensors[name].device))
-        if module is not None:
+        if module is not None and self.advance:
             self.acts.advance(module, layer.index)
         for _, name in layer.linears():
             self.zeros[name] = layer.tensors[name].numel() - out[name].numel()
