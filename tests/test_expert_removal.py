@@ -237,6 +237,9 @@ def test_inspect_and_summary_show_fewer_experts(root, tmp_path, calib_text, caps
     names = [m["name"] for m in report["matrices"] if ".experts." in m["name"]]
     assert len(names) == 2 * 2 * 3  # 2 layers x 2 kept experts x gate, up, down
     assert report["recipe"]["pattern"] == "experts" and report["recipe"]["method"] == "reap"
+    assert report["experts"] == {"layers": 2, "per_layer": 2, "top_k": 2}
+    assert run_cli("inspect", out) == 0
+    assert "2 in each of 2 MoE layers, top-2" in capsys.readouterr().out
     card = (out / "README.md").read_text()
     assert "with 50% of its experts removed" in card and "REAP" in card
 
@@ -264,3 +267,21 @@ def test_dense_model_refused(tiny_models, tmp_path, capsys):
 def test_expert_scores_need_the_experts_pattern(tiny_models, tmp_path, capsys):
     expect_error(capsys, tmp_path, [tiny_models["llama"], "--sparsity", "0.5", "--method", "frequency"],
                  "--method frequency ranks routed experts: use it with --pattern experts")
+
+
+def test_killed_run_resumes_bit_identical(root, tmp_path, calib_text):
+    """Killed after layer 0 is journalled: the rerun keeps layer 0's removed experts and states."""
+    from test_resume import RECIPE, kill_at, partials
+
+    out, whole = tmp_path / "out", tmp_path / "whole"
+    args = [tokenized("mixtral", root), "--pattern", "experts", "--sparsity", "0.25", "--calib-data", calib_text,
+            *CALIB, "-o", out, "-q"]
+    assert run_cli(*args) == 0
+    out.rename(whole)
+    kill_at("layer-0-committed", args)
+    assert not out.exists() and len(partials(tmp_path)) == 1
+    assert run_cli(*args) == 0
+    assert tree_hash(out, RECIPE) == tree_hash(whole, RECIPE)
+    recipe, reference = (json.loads((f / "llmprune.json").read_text()) for f in (out, whole))
+    assert recipe["resumed_after_layers"] == 1
+    assert recipe["structured"] == reference["structured"] and recipe["sparsity"] == reference["sparsity"]
