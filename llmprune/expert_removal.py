@@ -77,8 +77,9 @@ def expert_tensors(layout: Layout, index: int) -> ExpertTensors | None:
         raise LlmpruneError(f"--pattern experts: {here} has {len(blocks)} mixture-of-experts blocks; one is supported")
     block = blocks[0]
     if not all(w.fused for w in block.weights):
-        raise LlmpruneError(f"--pattern experts: the experts of {here} are separate modules ({block.experts}.N), "
-                            "which transformers 5 does not build for this family; only fused experts are supported")
+        raise LlmpruneError(f"--pattern experts: the experts of {here} are separate modules ({block.experts}.N); "
+                            "only experts fused into (experts, ., .) parameters, as transformers 5 builds them, "
+                            "are supported")
     if block.router is None:
         raise LlmpruneError(f"--pattern experts: no router found beside {block.experts} in {here}")
     layer, count = layout.layer_module(index), block.num_experts

@@ -285,3 +285,28 @@ def test_killed_run_resumes_bit_identical(root, tmp_path, calib_text):
     recipe, reference = (json.loads((f / "llmprune.json").read_text()) for f in (out, whole))
     assert recipe["resumed_after_layers"] == 1
     assert recipe["structured"] == reference["structured"] and recipe["sparsity"] == reference["sparsity"]
+
+
+def test_later_layers_are_scored_on_the_output_model(root, tmp_path):
+    """Layer 1's routed token counts are those of the states the output's layer 0 (without its removed
+    expert) produces, not the input's."""
+    folder = tiny("olmoe", root)
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(4))
+    out = tmp_path / "out"
+    cfg = PruneConfig(model=str(folder), output=str(out), method="frequency", pattern="experts", sparsity=0.25)
+    got = prune(cfg, progress=False, calib_ids=ids)["structured"]["scores"]["1"]
+
+    def layer1_counts(first: Path) -> list[float]:
+        """Tokens routed to each of the input's layer-1 experts, on the states ``first``'s layer 0 gives."""
+        src, inp = open_source(str(first)), open_source(str(folder))
+        acts = Activations(ModelWithoutLayers(src.layout, src.checkpoint.read, torch.device("cpu")), ids, 4,
+                           torch.device("cpu"))
+        acts.advance(next(layers(src.checkpoint, src.layout, torch.device("cpu"), progress=False)).module(), 0)
+        module = list(layers(inp.checkpoint, inp.layout, torch.device("cpu"), progress=False))[1].module()
+        (block,) = find_moe(module)
+        with record_routing(module, block) as seen:
+            acts.forward(module, 1)
+        return [float(sum(r.rows.shape[0] for r in seen.get(e, []))) for e in range(4)]
+
+    assert got == layer1_counts(out)
+    assert sum(got) == 4 * 32 * 2  # every token to top-2 experts
