@@ -188,6 +188,8 @@ def model_card(recipe: dict, base_model: str | None, input_meta: dict) -> str:
     ]
     for key in ("method", "pattern", "target_params", "norm", "sparsity", "ratios", "schedule", "dtype",
                 "true_sequential"):
+        if key == "norm" and cfg.get("pattern") == "experts":  # experts are ranked on calibration data only
+            continue
         if cfg.get(key) is not None:
             lines.append(f"| {key} | {cfg[key]} |")
     if "calibration" in recipe:

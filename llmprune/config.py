@@ -15,6 +15,8 @@ from .masks import Pattern
 from .ratios import check_sparsity, parse_schedule
 from .sparse import SAVE_FORMATS
 
+EXPERT_SCORES = ("reap", "frequency")  # --pattern experts ranks experts by these, not by a criterion
+
 
 class Options:
     """What every config shares: the dict form stored in llmprune.json and the output dtype."""
@@ -106,6 +108,8 @@ class PruneConfig(Options):
                 )
             if self.schedule:
                 raise LlmpruneError("--schedule needs unstructured pruning: N:M fixes the sparsity of every group")
+        if self.method in EXPERT_SCORES and pattern.kind != "experts":
+            raise LlmpruneError(f"--method {self.method} ranks routed experts: use it with --pattern experts")
         if self.target_params is not None:
             check_target(self, pattern)
         elif pattern.kind == "mix":
@@ -137,7 +141,8 @@ class PruneConfig(Options):
             raise LlmpruneError(f"--save-format {self.save_format} cannot be combined with --finetune-steps yet: "
                                 "the fine-tune writes a dense model")
 
-        criteria.get(self.method)
+        if pattern.kind != "experts":
+            criteria.get(self.method)
 
     @property
     def parsed_pattern(self) -> Pattern:
@@ -421,7 +426,11 @@ def check_mix(cfg: PruneConfig, pattern: Pattern) -> None:
 
 
 def check_options(cfg: PruneConfig) -> None:
-    if cfg.method not in ("magnitude", "wanda", "sparsegpt"):
+    if cfg.parsed_pattern.kind == "experts":
+        if cfg.method not in EXPERT_SCORES:
+            raise LlmpruneError(f"--pattern experts ranks experts by reap (the CLI's default) or frequency, "
+                                f"not {cfg.method}")
+    elif cfg.method not in ("magnitude", "wanda", "sparsegpt"):
         raise LlmpruneError(f"--pattern {cfg.pattern} ranks units by magnitude, wanda or sparsegpt, not {cfg.method}")
     for flag, value in (("--ratios", cfg.ratios), ("--schedule", cfg.schedule), ("--true-sequential", cfg.true_sequential)):
         if value:

@@ -18,7 +18,8 @@ import torch
 
 from .errors import LlmpruneError
 
-STRUCTURED = ("channels", "heads", "kv-heads", "layers")
+STRUCTURED = ("channels", "heads", "kv-heads", "layers", "experts")
+MIXABLE = ("channels", "heads", "kv-heads", "layers")  # the kinds one run can combine
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class Pattern:
 
     @property
     def structured(self) -> bool:
-        """Whole units are removed and the model shrinks (MLP channels, heads, KV groups, layers)."""
+        """Whole units are removed and the model shrinks (MLP channels, heads, KV groups, layers, experts)."""
         return self.kind in STRUCTURED or self.kind == "mix"
 
     @property
@@ -78,8 +79,8 @@ def _mix_parts(text: str) -> tuple[tuple[str, float | None], ...]:
     parts = []
     for item in text.split(","):
         kind, eq, ratio = (s.strip() for s in item.partition("="))
-        if kind not in STRUCTURED:
-            raise LlmpruneError(f"malformed pattern {text!r}: {kind!r} is not one of {', '.join(STRUCTURED)}")
+        if kind not in MIXABLE:
+            raise LlmpruneError(f"malformed pattern {text!r}: {kind!r} is not one of {', '.join(MIXABLE)}")
         value = None
         if eq:
             try:

@@ -87,10 +87,14 @@ def plan_step(cfg: PruneConfig, source: Source, device: torch.device, targets: d
             journal.remember(mix=shrink.decision())
         return Plan(shrink, shrink.acts, targets, shrink)
     before = journal.before.influence  # a resumed layers run keeps its block influence
-    shrink = structured.plan(cfg, source, device, progress, before and before["scores"])
+    shrink = structured.plan(cfg, source, device, progress, before and before["scores"], calib_ids)
     recipe.calibration = before["calibration"] if before is not None else calibration_section(cfg, shrink.calibration)
     if shrink.influence is not None and before is None:
         journal.remember(influence={"scores": shrink.influence, "calibration": recipe.calibration})
+    if shrink.kind == "experts":  # only routed experts go: every linear keeps all its weights
+        layout = source.layout
+        experts = {e.name for i in range(layout.num_layers) for e in layout.expert_matrices(i)}
+        targets = {name: target if name in experts else 0.0 for name, target in targets.items()}
     return Plan(shrink, shrink.acts, targets, shrink)
 
 
@@ -189,6 +193,13 @@ def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True,
 def check_supported(cfg: PruneConfig, source: Source) -> None:
     """Refuse, before anything is written, what would handle routed experts wrongly."""
     experts = fused_experts(source)
+    if cfg.parsed_pattern.kind == "experts":
+        if not any(source.layout.moe):
+            raise LlmpruneError("--pattern experts needs a mixture-of-experts model: "
+                                f"{source.info.get('model', source.folder)} has no routed experts")
+        if cfg.finetune is not None and cfg.finetune.steps > 0:
+            raise LlmpruneError("--finetune-steps is not supported on mixture-of-experts models yet")
+        return
     if not experts:
         return
     if cfg.structured:

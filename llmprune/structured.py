@@ -16,6 +16,8 @@ go is decided per layer as the engine streams it:
 Layers are ranked by block influence (ShortGPT): 1 - the mean cosine similarity of each token's
 hidden state entering and leaving the layer, on the calibration data, in one read-only pass over the
 dense model before writing; the lowest go, and the kept layers are renumbered.
+
+``experts`` removes routed experts of mixture-of-experts layers (``expert_removal``).
 """
 
 from __future__ import annotations
@@ -29,12 +31,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import masks, reconstruct
+from . import expert_removal, masks, reconstruct
 from .arch import Layout
 from .calibrate import calibration
 from .checkpoint import TensorSpec
 from .config import PruneConfig
 from .errors import LlmpruneError
+from .expert_removal import ExpertStep
 from .sizing import calibration_batch, calibration_store
 from .source import Source
 from .stream import Activations, Layer
@@ -55,7 +58,7 @@ log = logging.getLogger(__name__)
 
 UNIT_SCORES = {"wanda": "output energy ||W_u X_u||^2", "sparsegpt": "OBS removal cost after re-fitting the rest"}
 UNIT_NAMES = {"channels": "MLP channels", "heads": "query heads per KV group", "kv-heads": "KV groups",
-              "layers": "decoder layers"}
+              "layers": "decoder layers", "experts": "routed experts per MoE layer"}
 
 
 def unit_norms(tensors: dict[str, torch.Tensor], units: Units, names: dict[str, str], norm: str) -> torch.Tensor:
@@ -214,7 +217,7 @@ class Shrink:
     layout: Layout
     kind: str
     ratio: float
-    step: UnitStep | LayerDropStep
+    step: UnitStep | LayerDropStep | ExpertStep
     values: dict[str, object]  # config attributes of the output (canonical names)
     before: dict[str, object]
     importance: str
@@ -233,8 +236,8 @@ class Shrink:
         """The calibration states the step propagates (wanda units), for the resume journal."""
         return getattr(self.step, "acts", None)
 
-    def layer_state(self, index: int) -> list[int] | None:
-        return self.step.layer_state(index) if isinstance(self.step, UnitStep) else None
+    def layer_state(self, index: int) -> list[int] | dict | None:
+        return self.step.layer_state(index) if isinstance(self.step, (UnitStep, ExpertStep)) else None
 
     def restore_layer_state(self, index: int, state: list[int]) -> None:
         self.step.restore_layer_state(index, state)
@@ -248,6 +251,8 @@ class Shrink:
         index = self.layout.layer_of(spec.name)
         if index is None:
             return spec
+        if isinstance(self.step, ExpertStep):
+            return self.step.spec(index, spec)
         if isinstance(self.step, LayerDropStep):
             if index in self.step.dropped:
                 return None
@@ -274,6 +279,9 @@ class Shrink:
         if isinstance(self.step, LayerDropStep):
             out["removed"] = sorted(self.step.dropped)
             out["block_influence"] = self.influence
+        elif isinstance(self.step, ExpertStep):  # per MoE layer: the experts removed, every expert's score
+            out["removed"] = {str(i): r for i, r in sorted(self.step.removed.items())}
+            out["scores"] = {str(i): s for i, s in sorted(self.step.scores.items())}
         elif self.kind != "channels":  # channel lists would be long; heads and groups are few
             out["removed"] = {str(i): r for i, r in self.step.removed.items()}
         return out
@@ -291,14 +299,16 @@ def reduced_shape(units: Units, name: str, shape: tuple[int, ...], remove: int) 
 
 
 def plan(cfg: PruneConfig, source: Source, device: torch.device, progress: bool = True,
-         influence: list[float] | None = None) -> Shrink:
+         influence: list[float] | None = None, calib_ids: torch.Tensor | None = None) -> Shrink:
     """Everything fixed before writing: units, counts, the output config (checked against
     transformers), and for layers the block influence pass (unless a resumed run passes its
-    ``influence`` scores)."""
+    ``influence`` scores). ``calib_ids``: calibration windows tokenised earlier."""
     layout, kind = source.layout, cfg.parsed_pattern.kind
     text = layout.config.get_text_config()
     if kind == "layers":
-        return _plan_layers(cfg, source, device, progress, influence)
+        return _plan_layers(cfg, source, device, progress, influence, calib_ids)
+    if kind == "experts":
+        return _plan_experts(cfg, source, device, calib_ids)
     units = [units_of(layout, i, kind) for i in range(layout.num_layers)]
     if len({(u.blocks, u.per_block) for u in units}) != 1:
         raise LlmpruneError(f"--pattern {kind}: decoder layers differ in their number of units")
@@ -309,7 +319,7 @@ def plan(cfg: PruneConfig, source: Source, device: torch.device, progress: bool 
         for i in range(layout.num_layers)})
     acts = None
     if cfg.method in UNIT_SCORES:
-        acts = _calibrated_activations(cfg, source, device)
+        acts = _calibrated_activations(cfg, source, device, calib_ids)
     step = UnitStep(layout, units, remove, cfg.norm, acts, cfg.method, cfg.reconstruct and acts is not None)
     importance = (f"{UNIT_SCORES[cfg.method]} on calibration data ({cfg.method})" if acts is not None
                   else f"{cfg.norm} norm of the unit's weights")
@@ -322,19 +332,42 @@ def plan(cfg: PruneConfig, source: Source, device: torch.device, progress: bool 
                   calibration=acts.windows if acts is not None else None)
 
 
-def _calibrated_activations(cfg: PruneConfig, source: Source, device: torch.device) -> Activations:
+def _plan_experts(cfg: PruneConfig, source: Source, device: torch.device, calib_ids: torch.Tensor | None) -> Shrink:
+    """Expert counts and the output config, checked against transformers before any calibration."""
+    layout = source.layout
+    tensors = [expert_removal.expert_tensors(layout, i) for i in range(layout.num_layers)]
+    counts = expert_removal.plan_counts(layout, tensors, cfg.sparsity)
+    shapes = {}
+    for i, info in enumerate(tensors):
+        params = layout.layer_module(i).named_parameters()
+        shapes[i] = {n: (counts.kept, *p.shape[1:]) if info is not None and n in info.memory else tuple(p.shape)
+                     for n, p in params}
+    shrunk = check_expressible(layout, counts.values, shapes)
+    acts = _calibrated_activations(cfg, source, device, calib_ids)
+    step = ExpertStep(layout, tensors, counts, shrunk, acts, cfg.method)
+    text = layout.config.get_text_config()
+    before = {k: getattr(text, k, None) for k in counts.values}
+    importance = f"{expert_removal.SCORES[cfg.method]} on calibration data ({cfg.method})"
+    log.info("experts: removing %d of %d routed experts in each of %d MoE layers (%s)", counts.remove, counts.count,
+             sum(t is not None for t in tensors), importance)
+    return Shrink(layout, "experts", cfg.sparsity, step, values=counts.values, before=before, importance=importance,
+                  calibration=acts.windows)
+
+
+def _calibrated_activations(cfg: PruneConfig, source: Source, device: torch.device,
+                            ids: torch.Tensor | None = None) -> Activations:
     store = calibration_store(cfg, source, device)
-    outer, ids = calibration(cfg, source, device, store)
+    outer, ids = calibration(cfg, source, device, store, ids)
     return Activations(outer, ids, calibration_batch(device, ids.shape[1]), store)
 
 
 def _plan_layers(cfg: PruneConfig, source: Source, device: torch.device, progress: bool,
-                 influence: list[float] | None) -> Shrink:
+                 influence: list[float] | None, calib_ids: torch.Tensor | None = None) -> Shrink:
     layout = source.layout
     remove = removal_count("layers", layout.num_layers, cfg.sparsity)
     calibrated = None
     if influence is None:
-        step = InfluenceStep(_calibrated_activations(cfg, source, device))
+        step = InfluenceStep(_calibrated_activations(cfg, source, device, calib_ids))
         calibrated = step.acts.windows
         for layer in stream_layers(source.checkpoint, layout, device, desc="block influence", progress=progress):
             step(layer)

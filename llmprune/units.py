@@ -200,9 +200,11 @@ def edit_config_json(config: PretrainedConfig, data: dict, values: dict[str, obj
     return data
 
 
-def check_expressible(layout: Layout, values: dict[str, object], shapes: dict[int, dict[str, tuple[int, ...]]]) -> None:
+def check_expressible(layout: Layout, values: dict[str, object], shapes: dict[int, dict[str, tuple[int, ...]]]
+                      ) -> nn.ModuleList:
     """Refuse unless transformers builds, from the config edited with ``values``, decoder layers with
-    exactly ``shapes`` (output layer index -> layer-relative parameter name -> planned shape)."""
+    exactly ``shapes`` (output layer index -> layer-relative parameter name -> planned shape); returns
+    those decoder layers (meta device)."""
     config = copy.deepcopy(layout.config)
     text = config.get_text_config()
     for name, value in values.items():
@@ -226,6 +228,7 @@ def check_expressible(layout: Layout, values: dict[str, object], shapes: dict[in
             if built.get(name) != shape:
                 raise LlmpruneError(f"{type(text).__name__} cannot express the pruned model: {name} would be "
                                     f"{shape}, but the edited config ({settings}) builds {built.get(name)}")
+    return layers
 
 
 def renumbered(layout: Layout, checkpoint_name: str, new_index: int) -> str:

