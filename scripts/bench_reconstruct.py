@@ -6,6 +6,10 @@ parameter fraction kept, and perplexity against dense.
 
     python scripts/bench_reconstruct.py --json eval/reconstruct.json
     python scripts/bench_reconstruct.py --points channels:0.2:wanda:re,channels:0.2:wanda:plain
+    python scripts/bench_reconstruct.py --points target:0.9:wanda:re,target:0.8:wanda:re --json eval/target.json
+
+A point is PATTERN:RATIO:METHOD:re|plain; PATTERN "target" takes RATIO as --target-params, and a mix
+is written with "+" between its kinds (channels=0.2+heads=0.34:-:wanda:re).
 """
 
 from __future__ import annotations
@@ -60,15 +64,20 @@ def main() -> None:
     for point in args.points.split(","):
         pattern, ratio, method, mode = point.split(":")
         out = Path(args.work) / point.replace(":", "-")
-        cfg = PruneConfig(model=str(dense), sparsity=float(ratio), pattern=pattern, method=method, output=str(out),
-                          overwrite=True, calib_data="sotu", nsamples=args.nsamples, seqlen=args.seqlen,
-                          reconstruct=mode == "re")
+        shape = (dict(target_params=ratio) if pattern == "target" else
+                 dict(pattern=pattern.replace("+", ",")) if "=" in pattern else dict(pattern=pattern, sparsity=float(ratio)))
+        cfg = PruneConfig(model=str(dense), method=method, output=str(out), overwrite=True, calib_data="sotu",
+                          nsamples=args.nsamples, seqlen=args.seqlen, reconstruct=mode == "re", **shape)
         start = time.perf_counter()
         prune(cfg, progress=False)
         seconds = time.perf_counter() - start
         ppl = evaluate(str(out), windows=windows, progress=False).perplexity
         row = {"point": point, "params": params(out), "param_fraction": params(out) / report["dense"]["params"],
                "perplexity": ppl, "ratio_to_dense": ppl / report["dense"]["perplexity"], "prune_seconds": round(seconds, 1)}
+        recipe = json.loads((out / "llmprune.json").read_text())
+        if "mix" in recipe.get("structured", {}):
+            row["mix"] = recipe["structured"]["description"]
+            row["predicted_damage"] = (recipe["structured"].get("search") or {}).get("chosen", {}).get("damage")
         report["points"].append(row)
         print(json.dumps(row), flush=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

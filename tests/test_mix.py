@@ -191,3 +191,19 @@ def test_unreachable_targets_are_refused_in_one_line(wide, tmp_path, capsys):
     expect_error(capsys, tmp_path, [wide, "--target-params", "0.5", *CALIB], "cannot be met within 1%")
     expect_error(capsys, tmp_path, [wide, "--target-params", "900M", *CALIB], "has 3,")
     expect_error(capsys, tmp_path, [wide, "--target-params", "0.9", "--sparsity", "0.2", *CALIB], "drop --sparsity")
+
+
+def test_a_killed_target_run_resumes_bit_identical_with_the_plan_it_chose(wide, tmp_path):
+    from test_resume import RECIPE, kill_at, partials
+
+    out, whole = tmp_path / "out", tmp_path / "whole"
+    args = [wide, "--target-params", "0.93", *CALIB, "-o", out, "-q", "--max-shard-size", "1MB"]
+    assert run_cli(*args) == 0
+    out.rename(whole)
+    kill_at("layer-2-committed", args)
+    assert not out.exists() and len(partials(tmp_path)) == 1
+    assert run_cli(*args) == 0
+    assert tree_hash(out, RECIPE) == tree_hash(whole, RECIPE)
+    recipe, reference = (json.loads((f / "llmprune.json").read_text()) for f in (out, whole))
+    assert recipe["resumed_after_layers"] == 3
+    assert recipe["structured"] == reference["structured"]
