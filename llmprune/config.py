@@ -79,6 +79,8 @@ class PruneConfig(Options):
     seqlen: int = 2048  # capped by the model's context
     seed: int = 0
     true_sequential: bool = False
+    # statistics of routed experts from the tokens routed to each ("routed"), or from every token ("all")
+    moe_calibration: str = "routed"
     # structured channels/heads with calibration: re-fit the readout's kept columns by least squares
     reconstruct: bool = True
     owl_m: float = 5.0
@@ -122,6 +124,9 @@ class PruneConfig(Options):
             check_sparsity(self.sparsity, "--sparsity")
         if self.norm not in ("l1", "l2"):
             raise LlmpruneError(f"--norm must be l1 or l2, got {self.norm!r}")
+        if self.moe_calibration not in MOE_CALIBRATION:
+            raise LlmpruneError(f"--moe-calibration must be one of {', '.join(MOE_CALIBRATION)}, "
+                                f"got {self.moe_calibration!r}")
         if self.schedule:
             parse_schedule(self.schedule)
         if self.ratios == "owl" and pattern.kind == "nm":
@@ -382,6 +387,7 @@ class SensitivityConfig(Options):
         return out
 
 
+MOE_CALIBRATION = ("routed", "all")
 TARGET_KINDS = ("channels", "heads", "layers")  # what --target-params mixes unless --pattern names kinds
 _COUNT_SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
 

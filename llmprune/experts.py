@@ -290,10 +290,12 @@ OnRouted = Callable[[int, torch.Tensor, "torch.Tensor | None", "torch.Tensor | N
 
 
 @contextmanager
-def routing_hook(layer: nn.Module, block: MoeBlock, on_routed: OnRouted) -> Iterator[None]:
+def routing_hook(layer: nn.Module, block: MoeBlock, on_routed: OnRouted, every_expert: bool = False) -> Iterator[None]:
     """Call ``on_routed(expert, rows, weights, tokens)`` for each expert on every forward of
     ``block``'s experts: ``rows`` (n, H) are the hidden states routed to it, ``weights`` (n,) their
-    routing weights and ``tokens`` (n,) their positions among the flattened (B*T) tokens.
+    routing weights and ``tokens`` (n,) their positions among the flattened (B*T) tokens. With
+    ``every_expert`` (fused experts only) every expert is called with every token (``weights`` and
+    ``tokens`` None), while the forward itself still routes as the model does.
 
     Fused experts (transformers 5) are called as ``experts(hidden (T, H), indices (T, k), weights
     (T, k))``, after the router, so every family's own top-k and normalisation is what is seen.
@@ -306,6 +308,10 @@ def routing_hook(layer: nn.Module, block: MoeBlock, on_routed: OnRouted) -> Iter
 
         def pre(module, args, kwargs):
             hidden, index, weights = list(signature.bind(*args, **kwargs).arguments.values())[:3]
+            if every_expert:
+                for e in range(block.num_experts):
+                    on_routed(e, hidden, None, None)
+                return
             for e in index.unique().tolist():
                 if 0 <= e < block.num_experts:  # an index of E marks a slot masked out (expert parallelism)
                     tokens, slot = torch.where(index == e)

@@ -46,6 +46,7 @@ class RoutedStats:
     gate|up matrices share those of the routed rows (n, H), its down those of ``act(gate) * up``."""
 
     criterion: ModuleType
+    every_expert: bool = False  # --moe-calibration all: every calibration token through every expert
     stats: dict[tuple[str, int, str], object] = field(default_factory=dict)
 
     @staticmethod
@@ -63,7 +64,8 @@ class RoutedStats:
         with ExitStack() as stack:
             for block in blocks:
                 if any(w.fused for w in block.weights):
-                    stack.enter_context(routing_hook(module, block, partial(self._on_routed, module, block)))
+                    stack.enter_context(routing_hook(module, block, partial(self._on_routed, module, block),
+                                                     self.every_expert))
             yield
 
     def _on_routed(self, module: nn.Module, block: MoeBlock, e: int, rows: torch.Tensor, *_) -> None:
@@ -141,6 +143,7 @@ class CalibratedPruneStep:
     norm: str
     acts: Activations
     true_sequential: bool = False
+    every_expert: bool = False  # --moe-calibration all
     zeros: dict[str, int] = field(default_factory=dict)
 
     @torch.no_grad()
@@ -151,7 +154,7 @@ class CalibratedPruneStep:
         groups = input_groups(module, layer.index, self.acts, linears) if self.true_sequential else [todo]
         blocks = layer.layout.moe[layer.index] if any(self.targets.get(e.name, 0.0) > 0 for e, _ in layer.experts()) \
             else []
-        routed = RoutedStats(self.criterion)
+        routed = RoutedStats(self.criterion, self.every_expert)
         # Experts take their statistics in the pass of the (only) group, or in their own pass after
         # every linear group when pruning true-sequentially.
         together = blocks and not self.true_sequential
@@ -290,5 +293,6 @@ def make_step(cfg: PruneConfig, source: Source, device: torch.device, store: tor
     if not criterion.needs_calibration:
         return PruneStep(criterion, targets, cfg.parsed_pattern, cfg.norm), None, tuple(ids.shape)
     acts = Activations(outer, ids, calibration_batch(device, ids.shape[1]), store)
-    step = CalibratedPruneStep(criterion, targets, cfg.parsed_pattern, cfg.norm, acts, cfg.true_sequential)
+    step = CalibratedPruneStep(criterion, targets, cfg.parsed_pattern, cfg.norm, acts, cfg.true_sequential,
+                               cfg.moe_calibration == "all")
     return step, acts, tuple(ids.shape)

@@ -163,6 +163,44 @@ def test_wanda_scores_each_expert_by_its_routed_tokens(root, tmp_path):
         assert torch.equal(after[f"model.layers.0.mlp.experts.{e}.gate_proj.weight"], want), e
 
 
+def test_moe_calibration_all_scores_every_expert_by_every_token(root, tmp_path):
+    """--moe-calibration all: layer 0's experts keep what Wanda keeps with the norms of every token
+    entering the experts, not only the routed ones, while the states still follow the routing."""
+    from llmprune.criteria import wanda
+    from llmprune.masks import Pattern
+
+    folder = tiny("qwen3_moe", root)
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(3))
+    src = open_source(str(folder))
+    acts = Activations(ModelWithoutLayers(src.layout, src.checkpoint.read, torch.device("cpu")), ids, 4,
+                       torch.device("cpu"))
+    layer = next(layers(src.checkpoint, src.layout, torch.device("cpu"), progress=False))
+    module = layer.module()
+    (block,) = find_moe(module)
+    with record_routing(module, block) as seen:
+        acts.forward(module, 0)
+    every = torch.cat([torch.cat([r.rows for r in seen[e]]) for e in seen])  # each token k times (top-k)
+    out = {}
+    for mode in ("routed", "all"):
+        cfg = PruneConfig(model=str(folder), output=str(tmp_path / mode), method="wanda", sparsity=0.5,
+                          moe_calibration=mode)
+        assert prune(cfg, progress=False, calib_ids=ids)["config"]["moe_calibration"] == mode
+        out[mode] = tensors(tmp_path / mode)
+    gate_up = block.weights[0]
+    rows = torch.unique(every, dim=0)  # the distinct hidden states: every token once
+    assert rows.shape[0] == 4 * 32
+    differ = 0
+    for e in range(4):
+        stats = wanda.init_stats(torch.empty(1, rows.shape[1]))
+        wanda.accumulate(stats, rows)
+        weight = gate_up.view(module.get_parameter(gate_up.param()), e, "gate")
+        want, _ = wanda.prune(weight, 0.5, Pattern.parse("unstructured"), stats)
+        name = f"model.layers.0.mlp.experts.{e}.gate_proj.weight"
+        assert torch.equal(out["all"][name], want), e
+        differ += not torch.equal(out["all"][name], out["routed"][name])
+    assert differ, "statistics from every token chose the same masks as the routed tokens for every expert"
+
+
 def test_cli_eval_and_wanda_on_a_tokenized_mixtral(tmp_path, calib_text):
     from llmprune.packaged import smollm2_checkpoint
 

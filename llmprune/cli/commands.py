@@ -85,6 +85,9 @@ def prune_parser() -> argparse.ArgumentParser:
     c = p.add_argument_group("calibration (wanda, sparsegpt, --ratios owl)")
     add_calibration_options(c)
     c.add_argument("--true-sequential", action="store_true", help="prune a layer's linears group by group in execution order")
+    c.add_argument("--moe-calibration", default="routed", choices=["routed", "all"],
+                   help="statistics of each routed expert from the tokens the router sends it (routed, default), "
+                        "or from every calibration token (all; the forward still routes as the model does)")
     c.add_argument("--no-reconstruct", dest="reconstruct", action="store_false",
                    help="structured channels/heads: do not re-fit the kept readout columns (on by default with calibration)")
     c.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold: scores above M x the layer mean")
@@ -124,7 +127,7 @@ def run_prune(argv: list[str]) -> int:
         target_params=args.target_params, norm=args.norm, ratios=args.ratios, schedule=args.schedule,
         device=args.device, dtype=args.dtype, max_shard_size=args.max_shard_size, save_format=args.save_format,
         overwrite=args.overwrite, calib_data=args.calib_data, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-        true_sequential=args.true_sequential, reconstruct=args.reconstruct, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
+        true_sequential=args.true_sequential, moe_calibration=args.moe_calibration, reconstruct=args.reconstruct, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
         eval=args.eval, eval_seqlen=args.eval_seqlen, eval_max_windows=args.eval_max_windows,
         finetune=FinetuneConfig(model="", **finetune_options(args, "finetune-")) if args.finetune_steps else None,
         resume=args.resume, max_memory=args.max_memory, stream_from_hub=args.stream_from_hub,
