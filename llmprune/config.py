@@ -361,6 +361,8 @@ class SensitivityConfig(Options):
 def check_options(cfg: PruneConfig) -> None:
     if cfg.method not in ("magnitude", "wanda", "sparsegpt"):
         raise LlmpruneError(f"--pattern {cfg.pattern} ranks units by magnitude, wanda or sparsegpt, not {cfg.method}")
+    if cfg.pattern == "hidden" and cfg.method == "sparsegpt":
+        raise LlmpruneError("--pattern hidden ranks dimensions by magnitude or wanda, not sparsegpt")
     for flag, value in (("--ratios", cfg.ratios), ("--schedule", cfg.schedule), ("--true-sequential", cfg.true_sequential)):
         if value:
             raise LlmpruneError(f"{flag} does not apply to --pattern {cfg.pattern}: transformers' configs need one "

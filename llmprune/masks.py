@@ -18,7 +18,7 @@ import torch
 
 from .errors import LlmpruneError
 
-STRUCTURED = ("channels", "heads", "kv-heads", "layers")
+STRUCTURED = ("channels", "heads", "kv-heads", "layers", "hidden")
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class Pattern:
 
     @property
     def structured(self) -> bool:
-        """Whole units are removed and the model shrinks (MLP channels, heads, KV groups, layers)."""
+        """Whole units are removed and the model shrinks (MLP channels, heads, KV groups, layers, hidden width)."""
         return self.kind in STRUCTURED
 
     @property

@@ -50,7 +50,7 @@ def prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", help="output folder (default: ./<model>-<method>-<sparsity>)")
     p.add_argument("--revision", help="Hub branch, tag or commit")
     p.add_argument("--method", default="magnitude", help="magnitude (default), wanda, sparsegpt or admm")
-    p.add_argument("--pattern", default="unstructured", help="unstructured (default), N:M (e.g. 2:4), or structured: channels, heads, kv-heads, layers")
+    p.add_argument("--pattern", default="unstructured", help="unstructured (default), N:M (e.g. 2:4), or structured: channels, heads, kv-heads, layers, hidden")
     p.add_argument("--norm", default="l1", choices=["l1", "l2"], help="norm of a pruned unit's weights")
     p.add_argument("--ratios", help="YAML/JSON rules file (name pattern -> sparsity, first match wins), or owl")
     p.add_argument("--schedule", help="depth schedule, e.g. linear:0.2 (sparsity rises 0.2 from first to last layer)")
