@@ -76,7 +76,7 @@ def plan_step(cfg: PruneConfig, source: Source, device: torch.device, targets: d
             recipe.owl = {"m": cfg.owl_m, "lambda": cfg.owl_lambda,
                           "outlier_ratios": journal.before.owl["outlier_ratios"]}
         return Plan(step, acts, step.targets)  # OWL's targets, when it chose them
-    before = journal.before.influence  # a resumed layers run keeps its block influence
+    before = journal.before.influence  # a resumed layers or hidden run keeps its first pass's scores
     shrink = structured.plan(cfg, source, device, progress, before and before["scores"])
     recipe.calibration = before["calibration"] if before is not None else calibration_section(cfg, shrink.calibration)
     if shrink.influence is not None and before is None:
