@@ -299,6 +299,10 @@ class HiddenStep:
         return self.residual.shape(self.layout.model_name(name), shape, len(self.kept))
 
     def outside(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return self.sliced(name, tensor)
+
+    def sliced(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Checkpoint tensor ``name`` without the removed dimensions (unchanged when not along the width)."""
         model_name = self.layout.model_name(name)
         entry = self.residual.dims.get(model_name)
         if entry is None:
@@ -311,7 +315,7 @@ class HiddenStep:
         return out
 
     def __call__(self, layer: Layer) -> dict[str, torch.Tensor]:
-        out = {name: self.outside(name, t) for name, t in layer.tensors.items()}
+        out = {name: self.sliced(name, t) for name, t in layer.tensors.items()}
         for _, name in layer.linears():
             self.zeros[name] = layer.tensors[name].numel() - out[name].numel()
         return out
