@@ -137,6 +137,15 @@ def _intro(recipe: dict, source: str, link: str, overall: float) -> list[str]:
     cfg = recipe["config"]
     by = f"[llmprune](https://pypi.org/project/llmprune/) ({cfg['method']}, {cfg['pattern']})"
     st = recipe.get("structured")
+    if st and "mix" in st:
+        how = f"--target-params {cfg['target_params']}" if cfg.get("target_params") is not None else cfg["pattern"]
+        by = f"[llmprune](https://pypi.org/project/llmprune/) ({cfg['method']}, {how})"
+        p = st["parameters"]
+        target = f" for a target of {st['search']['target']:,} parameters" if st.get("search") else ""
+        return [f"# {source} shrunk to {p['after'] / p['before']:.1%} of its parameters", "",
+                f"This model is {link} with {st['description']} removed by {by}{target}, units ranked by "
+                f"{st['importance']}: a smaller dense model, {p['before']:,} -> {p['after']:,} parameters. "
+                "It loads with plain `AutoModelForCausalLM.from_pretrained`."]
     if st:
         p = st["parameters"]
         removed = f"{st['ratio']:.0%} of its {cfg['pattern']}"
@@ -181,7 +190,10 @@ def model_card(recipe: dict, base_model: str | None, input_meta: dict) -> str:
         "| option | value |",
         "|---|---|",
     ]
-    for key in ("method", "pattern", "norm", "sparsity", "ratios", "schedule", "dtype", "true_sequential"):
+    for key in ("method", "pattern", "target_params", "norm", "sparsity", "ratios", "schedule", "dtype",
+                "true_sequential"):
+        if key == "norm" and cfg.get("pattern") == "experts":  # experts are ranked on calibration data only
+            continue
         if cfg.get(key) is not None:
             lines.append(f"| {key} | {cfg[key]} |")
     if "calibration" in recipe:

@@ -11,9 +11,11 @@ import torch
 from . import criteria
 from .devices import DTYPES, parse_budget, parse_size
 from .errors import LlmpruneError
-from .masks import Pattern
+from .masks import MIXABLE, Pattern
 from .ratios import check_sparsity, parse_schedule
 from .sparse import SAVE_FORMATS
+
+EXPERT_SCORES = ("reap", "frequency")  # --pattern experts ranks experts by these, not by a criterion
 
 
 class Options:
@@ -55,11 +57,14 @@ class Options:
 class PruneConfig(Options):
     """One pruning run: what to read, how to prune, where to write."""
     model: str
-    sparsity: float | None = None  # None: implied by an N:M pattern
+    sparsity: float | None = None  # None: implied by an N:M pattern, or chosen for --target-params
     output: str | None = None  # default: ./<model name>-pruned
     revision: str | None = None
     method: str = "magnitude"
     pattern: str = "unstructured"
+    # structured: the parameter count to reach, a fraction of the input's ("0.8") or a count ("1.5B");
+    # the mix of --pattern's kinds (default channels, heads and layers) is chosen from calibration damage
+    target_params: str | float | None = None
     norm: str = "l1"
     ratios: str | None = None  # a rules file
     schedule: str | None = None  # e.g. "linear:0.2"
@@ -103,12 +108,18 @@ class PruneConfig(Options):
                 )
             if self.schedule:
                 raise LlmpruneError("--schedule needs unstructured pruning: N:M fixes the sparsity of every group")
-        if pattern.structured:
-
-            check_options(self)
-        if self.sparsity is None:
+        if self.method in EXPERT_SCORES and pattern.kind != "experts":
+            raise LlmpruneError(f"--method {self.method} ranks routed experts: use it with --pattern experts")
+        if self.target_params is not None:
+            check_target(self, pattern)
+        elif pattern.kind == "mix":
+            check_mix(self, pattern)
+        elif self.sparsity is None:
             raise LlmpruneError("--sparsity is required (a number in [0, 1), e.g. 0.5)")
-        check_sparsity(self.sparsity, "--sparsity")
+        if self.structured:
+            check_options(self)
+        if self.sparsity is not None:
+            check_sparsity(self.sparsity, "--sparsity")
         if self.norm not in ("l1", "l2"):
             raise LlmpruneError(f"--norm must be l1 or l2, got {self.norm!r}")
         if self.schedule:
@@ -123,18 +134,31 @@ class PruneConfig(Options):
         self.check_placement()
         if self.save_format not in SAVE_FORMATS:
             raise LlmpruneError(f"--save-format must be one of {', '.join(SAVE_FORMATS)}, got {self.save_format!r}")
-        if self.save_format != "dense" and Pattern.parse(self.pattern).structured:
+        if self.save_format != "dense" and self.structured:
             raise LlmpruneError(f"--pattern {self.pattern} writes a smaller dense model: --save-format "
                                 f"{self.save_format} has no zeros to compress there")
         if self.save_format != "dense" and self.finetune is not None and self.finetune.steps > 0:
             raise LlmpruneError(f"--save-format {self.save_format} cannot be combined with --finetune-steps yet: "
                                 "the fine-tune writes a dense model")
 
-        criteria.get(self.method)
+        if pattern.kind != "experts":
+            criteria.get(self.method)
 
     @property
     def parsed_pattern(self) -> Pattern:
         return Pattern.parse(self.pattern)
+
+    @property
+    def structured(self) -> bool:
+        """Whole units are removed: a structured pattern, a mix of them, or a parameter target."""
+        return self.parsed_pattern.structured or self.target_params is not None
+
+    @property
+    def mix_kinds(self) -> tuple[str, ...]:
+        """The structured kinds this run removes; for a parameter target without a structured
+        --pattern, every kind the target plan may mix."""
+        kinds = self.parsed_pattern.kinds
+        return kinds if kinds or self.target_params is None else TARGET_KINDS
 
 
 @dataclass(frozen=True)
@@ -358,8 +382,57 @@ class SensitivityConfig(Options):
         return out
 
 
+TARGET_KINDS = ("channels", "heads", "layers")  # what --target-params mixes unless --pattern names kinds
+_COUNT_SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+
+
+def parse_param_target(value: str | float) -> tuple[float | None, int | None]:
+    """``--target-params``: (fraction of the input's parameters, None) for a number in (0, 1), or
+    (None, count) for a count such as 1500000000, 1.5B or 900M."""
+    text = str(value).strip()
+    scale = _COUNT_SUFFIXES.get(text[-1:].upper(), 1)
+    try:
+        number = float(text[:-1] if scale > 1 else text)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or number <= 0 or (scale == 1 and number == 1):
+        raise LlmpruneError(f"--target-params must be a fraction in (0, 1) of the input's parameters or a "
+                            f"count such as 1.5B or 900M, got {value!r}")
+    if scale == 1 and number < 1:
+        return number, None
+    return None, int(round(number * scale))
+
+
+def check_target(cfg: PruneConfig, pattern: Pattern) -> None:
+    parse_param_target(cfg.target_params)
+    if not pattern.structured and pattern.kind != "unstructured":
+        raise LlmpruneError(f"--target-params shrinks the model with structured kinds, not --pattern {cfg.pattern}")
+    if not set(pattern.kinds) <= set(MIXABLE):
+        raise LlmpruneError(f"--target-params mixes {', '.join(MIXABLE)}, not --pattern {cfg.pattern}")
+    if cfg.sparsity is not None:
+        raise LlmpruneError("--target-params chooses how much of each kind to remove: drop --sparsity")
+    if any(ratio is not None for _, ratio in pattern.parts):
+        raise LlmpruneError(f"--pattern {cfg.pattern} fixes every ratio: drop --target-params, or name the kinds "
+                            "alone (e.g. channels,heads)")
+    if cfg.method not in ("wanda", "sparsegpt"):
+        raise LlmpruneError(f"--target-params chooses the mix from damage measured on calibration data: use "
+                            f"--method wanda or sparsegpt (not {cfg.method})")
+
+
+def check_mix(cfg: PruneConfig, pattern: Pattern) -> None:
+    if any(ratio is None for _, ratio in pattern.parts):
+        raise LlmpruneError(f"--pattern {cfg.pattern} names kinds without ratios: add --target-params, "
+                            "or give each kind its ratio (e.g. channels=0.2,heads=0.3)")
+    if cfg.sparsity is not None:
+        raise LlmpruneError(f"--pattern {cfg.pattern} gives each kind its ratio: drop --sparsity")
+
+
 def check_options(cfg: PruneConfig) -> None:
-    if cfg.method not in ("magnitude", "wanda", "sparsegpt"):
+    if cfg.parsed_pattern.kind == "experts":
+        if cfg.method not in EXPERT_SCORES:
+            raise LlmpruneError(f"--pattern experts ranks experts by reap (the CLI's default) or frequency, "
+                                f"not {cfg.method}")
+    elif cfg.method not in ("magnitude", "wanda", "sparsegpt"):
         raise LlmpruneError(f"--pattern {cfg.pattern} ranks units by magnitude, wanda or sparsegpt, not {cfg.method}")
     if cfg.pattern == "hidden" and cfg.method == "sparsegpt":
         raise LlmpruneError("--pattern hidden ranks dimensions by magnitude or wanda, not sparsegpt")

@@ -60,6 +60,8 @@ class Report:
     dtypes: dict[str, int]  # dtype -> parameters stored in it
     recipe: dict | None = None  # the llmprune.json summary, when present
     layers: list[dict] = field(default_factory=list)
+    # mixture of experts: {"layers": MoE layers, "per_layer": routed experts in each, "top_k": chosen per token}
+    experts: dict | None = None
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -162,9 +164,20 @@ def inspect(model: str, revision: str | None = None, n_m: str | tuple[str, ...] 
     report = Report(model=model, folder=str(source.folder), n_m_checked=[str(p) for p in patterns],
                     matrices=matrices, num_layers=layout.num_layers, other_params=other,
                     weights_bytes=checkpoint.nbytes, folder_bytes=folder_size(source.folder), dtypes=dtypes,
-                    recipe=recipe_summary(source.folder))
+                    recipe=recipe_summary(source.folder), experts=expert_counts(layout))
     report.layers = layer_totals(report)
     return report
+
+
+def expert_counts(layout: Layout) -> dict | None:
+    """How many routed experts the MoE layers hold (None for a dense model)."""
+    blocks = [b for per_layer in layout.moe for b in per_layer]
+    if not blocks:
+        return None
+    counts = sorted({b.num_experts for b in blocks})
+    return {"layers": sum(1 for per_layer in layout.moe if per_layer),
+            "per_layer": counts[0] if len(counts) == 1 else counts,
+            "top_k": next((b.top_k for b in blocks if b.top_k), None)}
 
 
 def folder_size(folder: Path) -> int:
@@ -207,6 +220,9 @@ def _footer(report: Report) -> list[str]:
     rows = [
         ("model", f"{report.model} ({report.folder})"),
         ("decoder layers", f"{report.num_layers}, {len(report.matrices)} prunable matrices"),
+        *([("routed experts", f"{report.experts['per_layer']} in each of {report.experts['layers']} MoE layers"
+                              f"{', top-' + str(report.experts['top_k']) if report.experts['top_k'] else ''}")]
+          if report.experts else []),
         ("prunable", f"{t['prunable_params']:,} parameters, {t['prunable_zeros']:,} zero ({t['prunable_sparsity']:.4%})"),
         ("N:M valid", ", ".join(valid) if valid else "none of " + ", ".join(report.n_m_checked)),
         ("other", f"{t['other_params']:,} parameters (embeddings, norms, head, biases)"),

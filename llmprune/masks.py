@@ -18,15 +18,19 @@ import torch
 
 from .errors import LlmpruneError
 
-STRUCTURED = ("channels", "heads", "kv-heads", "layers", "hidden")
+STRUCTURED = ("channels", "heads", "kv-heads", "layers", "experts", "hidden")
+MIXABLE = ("channels", "heads", "kv-heads", "layers")  # the kinds one run can combine
 
 
 @dataclass(frozen=True)
 class Pattern:
-    """How a matrix is pruned: "unstructured", or N:M with ``n`` zeroed of every ``m``."""
+    """How a matrix is pruned: "unstructured", N:M with ``n`` zeroed of every ``m``, a structured
+    kind, or a ``mix`` of structured kinds (``parts``: each kind with its ratio, or None when a
+    parameter target chooses it)."""
     kind: str = "unstructured"
     n: int = 0
     m: int = 0
+    parts: tuple[tuple[str, float | None], ...] = ()
 
     @classmethod
     def parse(cls, text: str) -> Pattern:
@@ -34,11 +38,13 @@ class Pattern:
             return cls()
         if text in STRUCTURED:
             return cls(text)
+        if "," in text or "=" in text:
+            return cls("mix", parts=_mix_parts(text))
         parts = text.split(":")
         if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
             raise LlmpruneError(
                 f"malformed pattern {text!r}: expected 'unstructured', N:M with integers (e.g. 2:4), "
-                f"or one of {', '.join(STRUCTURED)}"
+                f"one of {', '.join(STRUCTURED)}, or several of them, e.g. channels=0.2,heads=0.3"
             )
         n, m = int(parts[0]), int(parts[1])
         if m < 2 or not 0 < n < m:
@@ -47,8 +53,16 @@ class Pattern:
 
     @property
     def structured(self) -> bool:
-        """Whole units are removed and the model shrinks (MLP channels, heads, KV groups, layers, hidden width)."""
-        return self.kind in STRUCTURED
+        """Whole units are removed and the model shrinks (MLP channels, heads, KV groups, layers, experts,
+        hidden width)."""
+        return self.kind in STRUCTURED or self.kind == "mix"
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The structured kinds the pattern removes (empty when it is not structured)."""
+        if self.kind == "mix":
+            return tuple(kind for kind, _ in self.parts)
+        return (self.kind,) if self.kind in STRUCTURED else ()
 
     @property
     def sparsity(self) -> float | None:
@@ -56,7 +70,37 @@ class Pattern:
         return self.n / self.m if self.kind == "nm" else None
 
     def __str__(self) -> str:
+        if self.kind == "mix":
+            return ",".join(kind if r is None else f"{kind}={r:g}" for kind, r in self.parts)
         return f"{self.n}:{self.m}" if self.kind == "nm" else self.kind
+
+
+def _mix_parts(text: str) -> tuple[tuple[str, float | None], ...]:
+    """``channels=0.2,heads=0.3`` (each kind's ratio) or ``channels,heads`` (kinds only)."""
+    parts = []
+    for item in text.split(","):
+        kind, eq, ratio = (s.strip() for s in item.partition("="))
+        if kind not in MIXABLE:
+            raise LlmpruneError(f"malformed pattern {text!r}: {kind!r} is not one of {', '.join(MIXABLE)}")
+        value = None
+        if eq:
+            try:
+                value = float(ratio)
+            except ValueError:
+                raise LlmpruneError(f"malformed pattern {text!r}: the ratio of {kind} must be a number, "
+                                    f"got {ratio!r}") from None
+            if not 0 < value < 1:
+                raise LlmpruneError(f"malformed pattern {text!r}: the ratio of {kind} must lie in (0, 1)")
+        parts.append((kind, value))
+    kinds = [k for k, _ in parts]
+    if len(set(kinds)) != len(kinds):
+        raise LlmpruneError(f"malformed pattern {text!r}: a kind is named twice")
+    if {"heads", "kv-heads"} <= set(kinds):
+        raise LlmpruneError(f"pattern {text!r}: heads and kv-heads both remove query heads; choose one")
+    if len({r is None for _, r in parts}) > 1:
+        raise LlmpruneError(f"malformed pattern {text!r}: give every kind a ratio (channels=0.2,heads=0.3) "
+                            "or none (channels,heads with --target-params)")
+    return tuple(parts)
 
 
 def prune_count(numel: int, sparsity: float) -> int:

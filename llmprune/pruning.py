@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from . import resume, sparse, structured
+from . import mix, resume, sparse, structured
 from .card import base_model_id, input_card_metadata, model_card
 from .checkpoint import TensorSpec
 from .config import PruneConfig
@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 
 def output_label(cfg: PruneConfig) -> str:
     """The default output's suffix: method and sparsity, N:M or structured pattern."""
+    if cfg.target_params is not None:
+        return f"{cfg.method}-params{str(cfg.target_params).strip()}"
+    if cfg.parsed_pattern.kind == "mix":
+        return f"{cfg.method}-{cfg.pattern.replace('=', '').replace(',', '-')}"
     if cfg.parsed_pattern.structured:
         return f"{cfg.method}-{cfg.pattern}{round(cfg.sparsity * 100)}"
     if cfg.pattern != "unstructured":
@@ -67,7 +71,7 @@ def plan_step(cfg: PruneConfig, source: Source, device: torch.device, targets: d
               journal: resume.Journal, recipe: Recipe, progress: bool, calib_ids: torch.Tensor | None) -> Plan:
     """The step for ``cfg``; results computed before the stream (OWL ratios, block influence) come
     from the journal when a resumed run has them."""
-    if not cfg.parsed_pattern.structured:
+    if not cfg.structured:
         spill = journal.state_dir / "spill"
         store = activation_store(layer_needs(cfg, source), device, parse_budget(cfg.max_memory), spill)
         step, acts, calibrated = make_step(cfg, source, device, store, targets, journal, progress, calib_ids)
@@ -76,11 +80,21 @@ def plan_step(cfg: PruneConfig, source: Source, device: torch.device, targets: d
             recipe.owl = {"m": cfg.owl_m, "lambda": cfg.owl_lambda,
                           "outlier_ratios": journal.before.owl["outlier_ratios"]}
         return Plan(step, acts, step.targets)  # OWL's targets, when it chose them
+    if cfg.target_params is not None or cfg.parsed_pattern.kind == "mix":
+        shrink = mix.plan(cfg, source, device, progress, journal.before.mix)
+        recipe.calibration = calibration_section(cfg, shrink.calibration)
+        if journal.before.mix is None:
+            journal.remember(mix=shrink.decision())
+        return Plan(shrink, shrink.acts, targets, shrink)
     before = journal.before.influence  # a resumed layers or hidden run keeps its first pass's scores
-    shrink = structured.plan(cfg, source, device, progress, before and before["scores"])
+    shrink = structured.plan(cfg, source, device, progress, before and before["scores"], calib_ids)
     recipe.calibration = before["calibration"] if before is not None else calibration_section(cfg, shrink.calibration)
     if shrink.influence is not None and before is None:
         journal.remember(influence={"scores": shrink.influence, "calibration": recipe.calibration})
+    if shrink.kind == "experts":  # only routed experts go: every linear keeps all its weights
+        layout = source.layout
+        experts = {e.name for i in range(layout.num_layers) for e in layout.expert_matrices(i)}
+        targets = {name: target if name in experts else 0.0 for name, target in targets.items()}
     return Plan(shrink, shrink.acts, targets, shrink)
 
 
@@ -179,9 +193,16 @@ def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True,
 def check_supported(cfg: PruneConfig, source: Source) -> None:
     """Refuse, before anything is written, what would handle routed experts wrongly."""
     experts = fused_experts(source)
+    if cfg.parsed_pattern.kind == "experts":
+        if not any(source.layout.moe):
+            raise LlmpruneError("--pattern experts needs a mixture-of-experts model: "
+                                f"{source.info.get('model', source.folder)} has no routed experts")
+        if cfg.finetune is not None and cfg.finetune.steps > 0:
+            raise LlmpruneError("--finetune-steps is not supported on mixture-of-experts models yet")
+        return
     if not experts:
         return
-    if cfg.parsed_pattern.structured:
+    if cfg.structured:
         raise LlmpruneError(f"--pattern {cfg.pattern} is not supported on mixture-of-experts models yet: its "
                             f"{experts} routed expert matrices would be left out; use an unstructured or N:M pattern")
     if cfg.finetune is not None and cfg.finetune.steps > 0:

@@ -198,6 +198,26 @@ def refit(weight: torch.Tensor, stats: Stats, keep: torch.Tensor, percdamp: floa
     return (w[:, keep] + delta.t()).to(weight.dtype)
 
 
+@torch.no_grad()
+def removal_error(weight: torch.Tensor, stats: Stats, keep: torch.Tensor, refitted: bool = True,
+                  percdamp: float = 0.01) -> float:
+    """The mean squared output error per token, tr(D H D^T) with H = X X^T / T, that removing every
+    input column of ``weight`` (out, n) not in ``keep`` leaves: with ``refitted``, after the kept
+    columns take their least-squares ``refit`` (dampened as there, the error measured undampened);
+    otherwise with the kept columns unchanged. ``keep``: a bool mask (n,) or column indices.
+    """
+    out, n = weight.shape
+    keep = _index(keep, n, weight.device)
+    removed = _complement(keep, n)
+    w = weight.float()
+    delta = torch.zeros_like(w)  # (out, n): the change of the weight, removed columns set to zero
+    delta[:, removed] = -w[:, removed]
+    if refitted and keep.numel() and removed.numel():
+        delta[:, keep] = refit(weight, stats, keep, percdamp).float() - w[:, keep]
+    h = _hessian(stats, n, weight.device)
+    return float(((delta @ h) * delta).sum())
+
+
 def bias_compensation(weight: torch.Tensor, mean: torch.Tensor, removed: torch.Tensor,
                       new_weight: torch.Tensor | None = None) -> torch.Tensor:
     """The (out,) vector to add to the linear's bias so that its mean output is unchanged (FLAP).

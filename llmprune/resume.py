@@ -89,6 +89,7 @@ class BeforeStream:
     owl: dict | None = None  # OWL: per-matrix "targets" and per-layer "outlier_ratios"
     influence: dict | None = None  # the first pass of --pattern layers (block influence) or hidden (dimension
     # scores): its "scores" and the "calibration" used
+    mix: dict | None = None  # a structured mix: the counts and dropped layers chosen, and the search record
 
 
 @dataclass

@@ -80,8 +80,8 @@ def largest_layer(source: Source, itemsize: int | None = None) -> int:
 
 def layer_needs(cfg: PruneConfig, source: Source) -> LayerNeeds:
     """The big buffers of one layer step of ``cfg``, from the checkpoint's shapes and config."""
-    criterion = criteria.get(cfg.method)
-    calibrated = criterion.needs_calibration or cfg.ratios == "owl"
+    criterion = criteria.get(cfg.method) if cfg.method in criteria.names() else None  # None: expert scores
+    calibrated = criterion is None or criterion.needs_calibration or cfg.ratios == "owl"
     spec = source.checkpoint.spec
     weights = largest_layer(source)
     stats_bytes = getattr(criterion, "stats_bytes", None)

@@ -214,7 +214,8 @@ def plan_sparsity(cfg: PruneConfig, source: Source) -> dict[str, float]:
     matrices = prunable_matrices(source)
     rules = ratios.load_rules(cfg.ratios) if cfg.ratios and cfg.ratios != "owl" else None
     schedule = ratios.parse_schedule(cfg.schedule) if cfg.schedule else None
-    targets = ratios.assign(matrices, cfg.sparsity, rules, schedule, rules_source=f"ratio file {cfg.ratios}")
+    uniform = cfg.sparsity if cfg.sparsity is not None else 0.0  # a structured mix: no per-matrix ratio
+    targets = ratios.assign(matrices, uniform, rules, schedule, rules_source=f"ratio file {cfg.ratios}")
     pattern = cfg.parsed_pattern
     if pattern.kind == "nm":
         for name, s in targets.items():

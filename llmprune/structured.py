@@ -17,6 +17,8 @@ Layers are ranked by block influence (ShortGPT): 1 - the mean cosine similarity 
 hidden state entering and leaving the layer, on the calibration data, in one read-only pass over the
 dense model before writing; the lowest go, and the kept layers are renumbered.
 
+``experts`` removes routed experts of mixture-of-experts layers (``expert_removal``).
+
 ``hidden`` removes dimensions of the residual stream, the same ones everywhere (``units.Residual``:
 embedding and head columns, every norm on the stream, readers' input columns, writers' output rows).
 A first read-only pass over the dense model scores each dimension (``WidthScoreStep``), the second
@@ -39,12 +41,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import masks, reconstruct
-from .arch import Layout, ModelWithoutLayers
+from . import expert_removal, masks, reconstruct
+from .arch import Layout, ModelWithoutLayers, build_skeleton
 from .calibrate import calibration
 from .checkpoint import TensorSpec
 from .config import PruneConfig
 from .errors import LlmpruneError
+from .expert_removal import ExpertStep
 from .sizing import calibration_batch, calibration_store
 from .source import Source
 from .stream import Activations, Layer
@@ -70,7 +73,7 @@ log = logging.getLogger(__name__)
 
 UNIT_SCORES = {"wanda": "output energy ||W_u X_u||^2", "sparsegpt": "OBS removal cost after re-fitting the rest"}
 UNIT_NAMES = {"channels": "MLP channels", "heads": "query heads per KV group", "kv-heads": "KV groups",
-              "layers": "decoder layers", "hidden": "hidden dimensions"}
+              "layers": "decoder layers", "experts": "routed experts per MoE layer", "hidden": "hidden dimensions"}
 HIDDEN_SCORES = {
     "magnitude": "{norm} norm of the dimension's weights (embedding and head columns, readers' input columns, "
                  "writers' output rows)",
@@ -120,6 +123,7 @@ class UnitStep:
     acts: Activations | None = None  # set for calibrated ranking
     score: str = "wanda"  # with acts: wanda (output energy) or sparsegpt (OBS removal cost)
     reconstruct: bool = False
+    advance: bool = True  # move the states on past the layer (False: a later step of the same layer does)
     removed: dict[int, list[int]] = field(default_factory=dict)
     zeros: dict[str, int] = field(default_factory=dict)  # elements removed per prunable matrix
 
@@ -159,7 +163,7 @@ class UnitStep:
                 gone = torch.nonzero((owned.owner >= 0) & ~keep[owned.owner.clamp(min=0)]).squeeze(1)
                 layer.tensors[name].index_fill_(owned.dim, gone.to(layer.tensors[name].device), 0)
             out[name] = layer.tensors[name].index_select(owned.dim, kept.to(layer.tensors[name].device))
-        if module is not None:
+        if module is not None and self.advance:
             self.acts.advance(module, layer.index)
         for _, name in layer.linears():
             self.zeros[name] = layer.tensors[name].numel() - out[name].numel()
@@ -340,7 +344,7 @@ class Shrink:
     layout: Layout
     kind: str
     ratio: float
-    step: UnitStep | LayerDropStep | HiddenStep
+    step: UnitStep | LayerDropStep | ExpertStep | HiddenStep
     values: dict[str, object]  # config attributes of the output (canonical names)
     before: dict[str, object]
     importance: str
@@ -363,8 +367,8 @@ class Shrink:
         """The calibration states the step propagates (wanda units), for the resume journal."""
         return getattr(self.step, "acts", None)
 
-    def layer_state(self, index: int) -> list[int] | None:
-        return self.step.layer_state(index) if isinstance(self.step, UnitStep) else None
+    def layer_state(self, index: int) -> list[int] | dict | None:
+        return self.step.layer_state(index) if isinstance(self.step, (UnitStep, ExpertStep)) else None
 
     def restore_layer_state(self, index: int, state: list[int]) -> None:
         self.step.restore_layer_state(index, state)
@@ -380,6 +384,8 @@ class Shrink:
         index = self.layout.layer_of(spec.name)
         if index is None:
             return spec
+        if isinstance(self.step, ExpertStep):
+            return self.step.spec(index, spec)
         if isinstance(self.step, LayerDropStep):
             if index in self.step.dropped:
                 return None
@@ -406,6 +412,9 @@ class Shrink:
         if isinstance(self.step, LayerDropStep):
             out["removed"] = sorted(self.step.dropped)
             out["block_influence"] = self.influence
+        elif isinstance(self.step, ExpertStep):  # per MoE layer: the experts removed, every expert's score
+            out["removed"] = {str(i): r for i, r in sorted(self.step.removed.items())}
+            out["scores"] = {str(i): s for i, s in sorted(self.step.scores.items())}
         elif isinstance(self.step, HiddenStep):
             kept = set(self.step.kept.tolist())
             out["removed"] = [i for i in range(self.step.residual.hidden) if i not in kept]
@@ -426,16 +435,18 @@ def reduced_shape(units: Units, name: str, shape: tuple[int, ...], remove: int) 
 
 
 def plan(cfg: PruneConfig, source: Source, device: torch.device, progress: bool = True,
-         influence: list[float] | None = None) -> Shrink:
+         influence: list[float] | None = None, calib_ids: torch.Tensor | None = None) -> Shrink:
     """Everything fixed before writing: units, counts, the output config (checked against
     transformers), and for layers the block influence pass (unless a resumed run passes its
-    ``influence`` scores)."""
+    ``influence`` scores). ``calib_ids``: calibration windows tokenised earlier."""
     layout, kind = source.layout, cfg.parsed_pattern.kind
     text = layout.config.get_text_config()
     if kind == "layers":
-        return _plan_layers(cfg, source, device, progress, influence)
+        return _plan_layers(cfg, source, device, progress, influence, calib_ids)
+    if kind == "experts":
+        return _plan_experts(cfg, source, device, calib_ids)
     if kind == "hidden":
-        return _plan_hidden(cfg, source, device, progress, influence)
+        return _plan_hidden(cfg, source, device, progress, influence, calib_ids)
     units = [units_of(layout, i, kind) for i in range(layout.num_layers)]
     if len({(u.blocks, u.per_block) for u in units}) != 1:
         raise LlmpruneError(f"--pattern {kind}: decoder layers differ in their number of units")
@@ -446,7 +457,7 @@ def plan(cfg: PruneConfig, source: Source, device: torch.device, progress: bool 
         for i in range(layout.num_layers)})
     acts = None
     if cfg.method in UNIT_SCORES:
-        acts = _calibrated_activations(cfg, source, device)
+        acts = _calibrated_activations(cfg, source, device, calib_ids)
     step = UnitStep(layout, units, remove, cfg.norm, acts, cfg.method, cfg.reconstruct and acts is not None)
     importance = (f"{UNIT_SCORES[cfg.method]} on calibration data ({cfg.method})" if acts is not None
                   else f"{cfg.norm} norm of the unit's weights")
@@ -459,19 +470,42 @@ def plan(cfg: PruneConfig, source: Source, device: torch.device, progress: bool 
                   calibration=acts.windows if acts is not None else None)
 
 
-def _calibrated_activations(cfg: PruneConfig, source: Source, device: torch.device) -> Activations:
+def _plan_experts(cfg: PruneConfig, source: Source, device: torch.device, calib_ids: torch.Tensor | None) -> Shrink:
+    """Expert counts and the output config, checked against transformers before any calibration."""
+    layout = source.layout
+    tensors = [expert_removal.expert_tensors(layout, i) for i in range(layout.num_layers)]
+    counts = expert_removal.plan_counts(layout, tensors, cfg.sparsity)
+    shapes = {}
+    for i, info in enumerate(tensors):
+        params = layout.layer_module(i).named_parameters()
+        shapes[i] = {n: (counts.kept, *p.shape[1:]) if info is not None and n in info.memory else tuple(p.shape)
+                     for n, p in params}
+    shrunk = check_expressible(layout, counts.values, shapes)
+    acts = _calibrated_activations(cfg, source, device, calib_ids)
+    step = ExpertStep(layout, tensors, counts, shrunk, acts, cfg.method)
+    text = layout.config.get_text_config()
+    before = {k: getattr(text, k, None) for k in counts.values}
+    importance = f"{expert_removal.SCORES[cfg.method]} on calibration data ({cfg.method})"
+    log.info("experts: removing %d of %d routed experts in each of %d MoE layers (%s)", counts.remove, counts.count,
+             sum(t is not None for t in tensors), importance)
+    return Shrink(layout, "experts", cfg.sparsity, step, values=counts.values, before=before, importance=importance,
+                  calibration=acts.windows)
+
+
+def _calibrated_activations(cfg: PruneConfig, source: Source, device: torch.device,
+                            ids: torch.Tensor | None = None) -> Activations:
     store = calibration_store(cfg, source, device)
-    outer, ids = calibration(cfg, source, device, store)
+    outer, ids = calibration(cfg, source, device, store, ids)
     return Activations(outer, ids, calibration_batch(device, ids.shape[1]), store)
 
 
 def _plan_layers(cfg: PruneConfig, source: Source, device: torch.device, progress: bool,
-                 influence: list[float] | None) -> Shrink:
+                 influence: list[float] | None, calib_ids: torch.Tensor | None = None) -> Shrink:
     layout = source.layout
     remove = removal_count("layers", layout.num_layers, cfg.sparsity)
     calibrated = None
     if influence is None:
-        step = InfluenceStep(_calibrated_activations(cfg, source, device))
+        step = InfluenceStep(_calibrated_activations(cfg, source, device, calib_ids))
         calibrated = step.acts.windows
         for layer in stream_layers(source.checkpoint, layout, device, desc="block influence", progress=progress):
             step(layer)
@@ -515,14 +549,14 @@ def _accepts(layout: Layout, width: int) -> bool:
     return True
 
 
-def _width_scores(cfg: PruneConfig, source: Source, device: torch.device, progress: bool,
-                  residual: Residual) -> tuple[list[float], tuple[int, int] | None]:
+def _width_scores(cfg: PruneConfig, source: Source, device: torch.device, progress: bool, residual: Residual,
+                  calib_ids: torch.Tensor | None = None) -> tuple[list[float], tuple[int, int] | None]:
     """The first pass: every residual dimension's score over the dense model, and the calibration
     (windows, tokens) it used (None for magnitude)."""
     layout, acts, outer = source.layout, None, None
     if cfg.method == "wanda":
         store = calibration_store(cfg, source, device)
-        outer, ids = calibration(cfg, source, device, store)
+        outer, ids = calibration(cfg, source, device, store, calib_ids)
         acts = Activations(outer, ids, calibration_batch(device, ids.shape[1]), store)
     step = WidthScoreStep(layout, residual, cfg.norm, acts)
     for layer in stream_layers(source.checkpoint, layout, device, desc="hidden scores", progress=progress):
@@ -539,7 +573,7 @@ def _width_scores(cfg: PruneConfig, source: Source, device: torch.device, progre
 
 
 def _plan_hidden(cfg: PruneConfig, source: Source, device: torch.device, progress: bool,
-                 scores: list[float] | None) -> Shrink:
+                 scores: list[float] | None, calib_ids: torch.Tensor | None = None) -> Shrink:
     """Hidden width: the kept width and output config (checked against transformers, the tensors
     outside the layers included), the scoring pass (unless a resumed run passes its ``scores``), and
     the norms' and embedding's compensation."""
@@ -552,15 +586,15 @@ def _plan_hidden(cfg: PruneConfig, source: Source, device: torch.device, progres
                   for n, p in layout.layer_module(i).named_parameters()} for i in range(layout.num_layers)}
     outside = {n: residual.shape(n, tuple(p.shape), width) for n, p in layout.skeleton.named_parameters()
                if layout.layer_of(layout.checkpoint_name(n)) is None}
-    built = check_expressible(layout, values, shapes, outside)
+    check_expressible(layout, values, shapes, outside)
     calibrated = None
     if scores is None:
-        scores, calibrated = _width_scores(cfg, source, device, progress, residual)
+        scores, calibrated = _width_scores(cfg, source, device, progress, residual, calib_ids)
     keep = masks.units(torch.tensor(scores, dtype=torch.float64)[None], d - width)[0]
     # the norms see the mean square over ``width`` dimensions instead of d; a scaled embedding's
     # factor changes with the width, and a tied head carries it into the logits (the final norm undoes it)
     norm_factor = math.sqrt(d / width)
-    embed = embedding_scale(layout.skeleton, d) / embedding_scale(built, width)
+    embed = embedding_scale(layout.skeleton, d) / embedding_scale(build_skeleton(edited_config(layout, values)), width)
     factors = {n: norm_factor for n in residual.norms()}
     if embed != 1.0:
         factors.update({n: embed for n, (_, role) in residual.dims.items()

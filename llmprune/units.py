@@ -218,11 +218,11 @@ def edited_config(layout: Layout, values: dict[str, object]) -> PretrainedConfig
 
 
 def check_expressible(layout: Layout, values: dict[str, object], shapes: dict[int, dict[str, tuple[int, ...]]],
-                      outside: dict[str, tuple[int, ...]] | None = None) -> nn.Module:
+                      outside: dict[str, tuple[int, ...]] | None = None) -> nn.ModuleList:
     """Refuse unless transformers builds, from the config edited with ``values``, decoder layers with
     exactly ``shapes`` (output layer index -> layer-relative parameter name -> planned shape) and, when
-    given, exactly the ``outside`` parameters (model name -> planned shape) outside the layers.
-    Returns the model it built (on the meta device)."""
+    given, exactly the ``outside`` parameters (model name -> planned shape) outside the layers;
+    returns those decoder layers (meta device)."""
     config = edited_config(layout, values)
     text = config.get_text_config()
     try:
@@ -244,7 +244,7 @@ def check_expressible(layout: Layout, values: dict[str, object], shapes: dict[in
             if built.get(name) != outside.get(name):
                 raise LlmpruneError(f"{type(text).__name__} cannot express the pruned model: {name} would be "
                                     f"{outside.get(name)}, but the edited config ({settings}) builds {built.get(name)}")
-    return model
+    return layers
 
 
 def renumbered(layout: Layout, checkpoint_name: str, new_index: int) -> str:

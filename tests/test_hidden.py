@@ -166,3 +166,8 @@ def test_refusals(tiny_models, capsys, tmp_path, family, args, message):
     before = tree_hash(tiny_models[family])
     expect_error(capsys, tmp_path, [tiny_models[family], "--pattern", "hidden", *args], message)
     assert tree_hash(tiny_models[family]) == before
+
+
+def test_hidden_is_not_mixed_by_a_parameter_target(tiny_models, capsys, tmp_path):
+    expect_error(capsys, tmp_path, [tiny_models["llama"], "--pattern", "hidden", "--target-params", "0.8",
+                                    "--method", "wanda"], "--target-params mixes channels, heads, kv-heads, layers")

