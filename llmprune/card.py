@@ -148,8 +148,12 @@ def _intro(recipe: dict, source: str, link: str, overall: float) -> list[str]:
                 "It loads with plain `AutoModelForCausalLM.from_pretrained`."]
     if st:
         p = st["parameters"]
+        removed = f"{st['ratio']:.0%} of its {cfg['pattern']}"
+        if cfg["pattern"] == "hidden":  # the width is rounded to what the config accepts: say what was removed
+            width = st["config"]["hidden_size"]
+            removed = f"{1 - width['after'] / width['before']:.1%} of its hidden width ({width['before']} -> {width['after']})"
         return [f"# {source} with {cfg['pattern']} pruned ({1 - p['after'] / p['before']:.1%} fewer parameters)", "",
-                f"This model is {link} with {st['ratio']:.0%} of its {cfg['pattern']} removed by {by}, ranked by "
+                f"This model is {link} with {removed} removed by {by}, ranked by "
                 f"{st['importance']}: a smaller dense model, {p['before']:,} -> {p['after']:,} parameters. "
                 "It loads with plain `AutoModelForCausalLM.from_pretrained`."]
     return [f"# {source} pruned to {overall:.1%} sparsity", "",

@@ -11,7 +11,7 @@ import torch
 from . import criteria
 from .devices import DTYPES, parse_budget, parse_size
 from .errors import LlmpruneError
-from .masks import Pattern
+from .masks import MIXABLE, Pattern
 from .ratios import check_sparsity, parse_schedule
 from .sparse import SAVE_FORMATS
 
@@ -413,6 +413,8 @@ def check_target(cfg: PruneConfig, pattern: Pattern) -> None:
     parse_param_target(cfg.target_params)
     if not pattern.structured and pattern.kind != "unstructured":
         raise LlmpruneError(f"--target-params shrinks the model with structured kinds, not --pattern {cfg.pattern}")
+    if not set(pattern.kinds) <= set(MIXABLE):
+        raise LlmpruneError(f"--target-params mixes {', '.join(MIXABLE)}, not --pattern {cfg.pattern}")
     if cfg.sparsity is not None:
         raise LlmpruneError("--target-params chooses how much of each kind to remove: drop --sparsity")
     if any(ratio is not None for _, ratio in pattern.parts):
@@ -438,6 +440,8 @@ def check_options(cfg: PruneConfig) -> None:
                                 f"not {cfg.method}")
     elif cfg.method not in ("magnitude", "wanda", "sparsegpt"):
         raise LlmpruneError(f"--pattern {cfg.pattern} ranks units by magnitude, wanda or sparsegpt, not {cfg.method}")
+    if cfg.pattern == "hidden" and cfg.method == "sparsegpt":
+        raise LlmpruneError("--pattern hidden ranks dimensions by magnitude or wanda, not sparsegpt")
     for flag, value in (("--ratios", cfg.ratios), ("--schedule", cfg.schedule), ("--true-sequential", cfg.true_sequential)):
         if value:
             raise LlmpruneError(f"{flag} does not apply to --pattern {cfg.pattern}: transformers' configs need one "

@@ -18,7 +18,7 @@ import torch
 
 from .errors import LlmpruneError
 
-STRUCTURED = ("channels", "heads", "kv-heads", "layers", "experts")
+STRUCTURED = ("channels", "heads", "kv-heads", "layers", "experts", "hidden")
 MIXABLE = ("channels", "heads", "kv-heads", "layers")  # the kinds one run can combine
 
 
@@ -53,7 +53,8 @@ class Pattern:
 
     @property
     def structured(self) -> bool:
-        """Whole units are removed and the model shrinks (MLP channels, heads, KV groups, layers, experts)."""
+        """Whole units are removed and the model shrinks (MLP channels, heads, KV groups, layers, experts,
+        hidden width)."""
         return self.kind in STRUCTURED or self.kind == "mix"
 
     @property

@@ -86,7 +86,7 @@ def plan_step(cfg: PruneConfig, source: Source, device: torch.device, targets: d
         if journal.before.mix is None:
             journal.remember(mix=shrink.decision())
         return Plan(shrink, shrink.acts, targets, shrink)
-    before = journal.before.influence  # a resumed layers run keeps its block influence
+    before = journal.before.influence  # a resumed layers or hidden run keeps its first pass's scores
     shrink = structured.plan(cfg, source, device, progress, before and before["scores"], calib_ids)
     recipe.calibration = before["calibration"] if before is not None else calibration_section(cfg, shrink.calibration)
     if shrink.influence is not None and before is None:

@@ -7,8 +7,9 @@ records the layer, the SHA-256 of every tensor written so far, the zero counts, 
 of the calibration activations leaving that layer. Rerunning the same command finds the folder,
 checks the last layer's tensors against their hashes, and continues with the next layer; the
 shards are reopened in place (their layout is planned, so every offset is known). A structured run
-also journals the units each layer removed (and the block influence, for layers), and a run that
-writes a compressed format the appending writer's state (each shard's entries and end). Block-wise
+also journals the units each layer removed (and the first pass's scores: block influence for layers,
+each dimension's score for hidden), and a run that writes a compressed format the appending
+writer's state (each shard's entries and end). Block-wise
 fine-tuning (``finetune.run_blockwise``) journals its layers through the same class.
 """
 
@@ -86,7 +87,8 @@ class BeforeStream:
     """Results computed before the layer stream, kept so that a resumed run need not redo them."""
     eval_dense: dict | None = None  # the input's perplexity on the evaluation windows
     owl: dict | None = None  # OWL: per-matrix "targets" and per-layer "outlier_ratios"
-    influence: dict | None = None  # --pattern layers: block influence "scores" and the "calibration" used
+    influence: dict | None = None  # the first pass of --pattern layers (block influence) or hidden (dimension
+    # scores): its "scores" and the "calibration" used
     mix: dict | None = None  # a structured mix: the counts and dropped layers chosen, and the search record
 
 

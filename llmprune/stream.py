@@ -144,7 +144,9 @@ class Step(Protocol):
     """What the engine asks of a step: called on each decoder layer in order, it returns the tensors
     to write under their input names (a structured step's ``output_name`` may rename or drop them).
     ``zeros`` counts the zeros of each prunable matrix it wrote, for the report and the journal; a
-    step that a resumed run must replay also provides ``resume.ResumableStep``'s methods."""
+    step that a resumed run must replay also provides ``resume.ResumableStep``'s methods, and one that
+    changes the tensors outside the decoder layers (the hidden width) an ``outside(name, tensor)``
+    method returning what to write for each of them."""
 
     zeros: dict[str, int]
 
@@ -199,13 +201,16 @@ def run(checkpoint: Checkpoint, layout: Layout, step: Step, writer: ShardWriter,
 
     Layers are processed in the checkpoint's dtype and converted to ``dtype`` when written.
     ``start`` > 0 continues an interrupted run: the tensors outside the layers and layers before
-    ``start`` are taken as written. ``on_layer(i)`` is called right after the step has processed
+    ``start`` are taken as written. A step with an ``outside`` method maps the tensors outside the
+    layers before they are written. ``on_layer(i)`` is called right after the step has processed
     layer i; the callable it returns runs once layer i (and everything before it) is written.
     """
     outside, per_layer = group_names(checkpoint, layout)
+    transform = getattr(step, "outside", None)
     if start == 0:
         for name in outside:
-            writer.write(name, _convert(checkpoint.read(name), dtype))
+            t = checkpoint.read(name)
+            writer.write(name, _convert(t if transform is None else transform(name, t), dtype))
 
     def write_layer(out: dict[str, torch.Tensor], done: Callable[[], None] | None) -> None:
         for name, t in out.items():

@@ -200,11 +200,9 @@ def edit_config_json(config: PretrainedConfig, data: dict, values: dict[str, obj
     return data
 
 
-def check_expressible(layout: Layout, values: dict[str, object], shapes: dict[int, dict[str, tuple[int, ...]]]
-                      ) -> nn.ModuleList:
-    """Refuse unless transformers builds, from the config edited with ``values``, decoder layers with
-    exactly ``shapes`` (output layer index -> layer-relative parameter name -> planned shape); returns
-    those decoder layers (meta device)."""
+def edited_config(layout: Layout, values: dict[str, object]) -> PretrainedConfig:
+    """A copy of the model's config with canonical attribute ``values`` set, validated by the config
+    class as ``from_pretrained`` will validate the output's; refuses with transformers' reason."""
     config = copy.deepcopy(layout.config)
     text = config.get_text_config()
     for name, value in values.items():
@@ -216,8 +214,20 @@ def check_expressible(layout: Layout, values: dict[str, object], shapes: dict[in
         lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
         reason = lines[-1] if lines else type(err).__name__
         raise LlmpruneError(f"{type(text).__name__} cannot express the pruned model: {reason}") from None
+    return config
+
+
+def check_expressible(layout: Layout, values: dict[str, object], shapes: dict[int, dict[str, tuple[int, ...]]],
+                      outside: dict[str, tuple[int, ...]] | None = None) -> nn.ModuleList:
+    """Refuse unless transformers builds, from the config edited with ``values``, decoder layers with
+    exactly ``shapes`` (output layer index -> layer-relative parameter name -> planned shape) and, when
+    given, exactly the ``outside`` parameters (model name -> planned shape) outside the layers;
+    returns those decoder layers (meta device)."""
+    config = edited_config(layout, values)
+    text = config.get_text_config()
     try:
-        layers = find_layers(build_skeleton(config))[1]
+        model = build_skeleton(config)
+        path, layers = find_layers(model)
     except (LlmpruneError, RuntimeError, AssertionError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LlmpruneError(f"{type(text).__name__} cannot express the pruned model: {reason}") from None
@@ -228,6 +238,12 @@ def check_expressible(layout: Layout, values: dict[str, object], shapes: dict[in
             if built.get(name) != shape:
                 raise LlmpruneError(f"{type(text).__name__} cannot express the pruned model: {name} would be "
                                     f"{shape}, but the edited config ({settings}) builds {built.get(name)}")
+    if outside is not None:
+        built = {n: tuple(p.shape) for n, p in model.named_parameters() if not n.startswith(path + ".")}
+        for name in sorted(set(built) | set(outside)):
+            if built.get(name) != outside.get(name):
+                raise LlmpruneError(f"{type(text).__name__} cannot express the pruned model: {name} would be "
+                                    f"{outside.get(name)}, but the edited config ({settings}) builds {built.get(name)}")
     return layers
 
 
@@ -235,3 +251,142 @@ def renumbered(layout: Layout, checkpoint_name: str, new_index: int) -> str:
     """A decoder-layer tensor's checkpoint name with its layer index replaced by ``new_index``."""
     old = layout.checkpoint_name(layout.layer_prefix(layout.layer_of(checkpoint_name)))
     return layout.checkpoint_name(layout.layer_prefix(new_index)) + checkpoint_name[len(old):]
+
+
+# --- the residual (hidden) width -------------------------------------------------------------
+#
+# The residual stream of width d runs from the input embedding through every decoder layer to the
+# final norm and the head. A dimension i of it is: column i of the input embedding and of the head,
+# entry i of every norm on the stream, input column i of every linear that reads the stream (the
+# attention and MLP readers of ``_split``), and output row i (and bias entry) of every linear that
+# writes it (their writers). Removing i from all of them gives the model whose stream never carries i.
+
+ROLES = ("embedding", "head", "reader", "writer", "norm")
+
+
+@dataclass(frozen=True)
+class Residual:
+    """Every parameter along the residual width, by model parameter name: (its dimension along the
+    width, its role in ``ROLES``), with each norm weight's offset (1 when the norm scales by 1 + w,
+    as Gemma's do; else 0)."""
+    hidden: int
+    dims: dict[str, tuple[int, str]]
+    offsets: dict[str, float]
+    tied: bool  # the head is the input embedding's weight
+
+    def shape(self, name: str, shape: tuple[int, ...], kept: int) -> tuple[int, ...]:
+        """``shape`` of model parameter ``name`` once the width is ``kept``."""
+        if name not in self.dims:
+            return shape
+        out = list(shape)
+        out[self.dims[name][0]] = kept
+        return tuple(out)
+
+    def norms(self) -> list[str]:
+        return [n for n, (_, role) in self.dims.items() if role == "norm" and n.endswith("weight")]
+
+
+def _norm_offset(name: str, module: nn.Module, hidden: int) -> float:
+    """How norm ``module`` applies its weight w: as w (0) or as 1 + w (1), by running a copy on a
+    random input with w = 0 and then w = -offset (the output must vanish)."""
+    x = torch.randn(2, hidden, generator=torch.Generator().manual_seed(0))
+
+    def run(weight: float) -> torch.Tensor:
+        probe = copy.deepcopy(module)
+        for pname, p in list(probe.named_parameters(recurse=False)):
+            setattr(probe, pname, nn.Parameter(torch.full(p.shape, weight if pname == "weight" else 0.0)))
+        with torch.no_grad():
+            return probe(x)
+
+    offset = 0.0 if bool((run(0.0) == 0).all()) else 1.0
+    if offset and not bool((run(-1.0).abs() < 1e-6).all()):
+        raise LlmpruneError(f"cannot prune the hidden width: {name} is a norm whose weight is applied neither as "
+                            "w nor as 1 + w")
+    return offset
+
+
+def embedding_scale(model: nn.Module, hidden: int) -> float:
+    """What the input embedding multiplies its rows by (Gemma: sqrt(hidden_size); else 1), by running
+    a copy of it with one row of ones."""
+    probe = copy.deepcopy(model.get_input_embeddings())
+    probe.weight = nn.Parameter(torch.ones(1, hidden))
+    with torch.no_grad():
+        return float(probe(torch.zeros(1, 1, dtype=torch.long)).reshape(-1)[0])
+
+
+def _stream_norms(parent: nn.Module, prefix: str, hidden: int, skip: set[int]) -> dict[str, nn.Module]:
+    """Children of ``parent`` that are norms on the stream: no linear, one 1-D weight of the width."""
+    out = {}
+    for name, child in parent.named_children():
+        if id(child) in skip or _is_linear(child) or isinstance(child, nn.Embedding):
+            continue
+        weight = getattr(child, "weight", None)
+        if isinstance(weight, torch.Tensor) and tuple(weight.shape) == (hidden,) and \
+                all(p.dim() == 1 for p in child.parameters()):
+            out[prefix + name] = child
+    return out
+
+
+def residual_of(layout: Layout) -> Residual:
+    """Where the residual width runs, found from the model: embeddings from the model's own accessors,
+    readers and writers as for channels and heads (``_split``), norms as the 1-D children of width d
+    of each decoder layer and of the model outside the layers. Refuses a model with any other
+    parameter along the width, naming it."""
+    d = dims_of(layout.config)
+    model, hidden = layout.skeleton, d.hidden
+    dims: dict[str, tuple[int, str]] = {}
+    offsets: dict[str, float] = {}
+    leave: set[str] = set()  # parameters of width d that are not on the stream (readers' biases)
+
+    def add_norms(norms: dict[str, nn.Module]) -> None:
+        for name, module in norms.items():
+            for pname, _ in module.named_parameters(recurse=False):
+                dims[f"{name}.{pname}"] = (0, "norm")
+            offsets[f"{name}.weight"] = _norm_offset(name, module, hidden)
+
+    for index in range(layout.num_layers):
+        layer, prefix = layout.layer_module(index), layout.layer_prefix(index)
+        linears = []
+        if d.intermediate is not None:
+            linears.append(_split(layer, False, d.intermediate, hidden, "MLP"))
+        linears.append(_split(layer, True, d.heads * d.head_dim, hidden, "attention"))
+        for readers, (wname, writer) in linears:
+            for name, module in readers:
+                dims[f"{prefix}{name}.weight"] = (0 if isinstance(module, Conv1D) else 1, "reader")
+                leave.add(f"{prefix}{name}.bias")
+            dims[f"{prefix}{wname}.weight"] = (1 if isinstance(writer, Conv1D) else 0, "writer")
+            if getattr(writer, "bias", None) is not None:
+                dims[f"{prefix}{wname}.bias"] = (0, "writer")
+        add_norms(_stream_norms(layer, prefix, hidden, set()))
+
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    dims[names[id(embedding.weight)]] = (1, "embedding")
+    # the meta skeleton is not tied yet: the config says whether loading ties the head to the embedding
+    tied = head is not None and (head.weight is embedding.weight or (
+        bool(getattr(layout.config, "tie_word_embeddings", False)) and head.weight.shape == embedding.weight.shape))
+    if head is not None:
+        for n, p in model.named_parameters(remove_duplicate=False):
+            if p is head.weight:
+                dims[n] = (1, "head")
+    layers = model.get_submodule(layout.layers_path)
+    for path, module in model.named_modules():
+        if module is layers or path.startswith(layout.layers_path + "."):
+            continue
+        add_norms(_stream_norms(module, f"{path}." if path else "", hidden, {id(layers), id(embedding), id(head)}))
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name not in dims and name not in leave and hidden in p.shape:
+            raise LlmpruneError(f"cannot prune the hidden width: {name} {tuple(p.shape)} lies along it but is "
+                                "neither an embedding, a norm, nor a linear reading or writing the residual stream")
+    return Residual(hidden, dims, offsets, tied)
+
+
+def hidden_config_values(layout: Layout, kept: int) -> dict[str, int]:
+    """Config attributes of the model whose residual width is ``kept``: hidden_size, and every size
+    transformers would otherwise derive from it written explicitly (head_dim, GPT-2's n_inner)."""
+    d = dims_of(layout.config)
+    text = layout.config.get_text_config()
+    values = {"hidden_size": kept, "head_dim": d.head_dim}
+    if d.intermediate_key is not None and getattr(text, d.intermediate_key, None) is None:
+        values[d.intermediate_key] = d.intermediate
+    return values

@@ -115,6 +115,7 @@ def test_killed_compressed_run_resumes_bit_identical(tiny_with_tokenizer, tmp_pa
     ("channels", "magnitude", "layer-1-committed", 2),
     ("heads", "wanda", "tensor:model.layers.2.self_attn.q_proj.weight", 2),  # states saved after layer 1
     ("layers", "magnitude", "layer-2-written", 2),  # layer 1 or 2 dropped: renumbered names in the journal
+    ("hidden", "wanda", "layer-1-committed", 2),  # embedding sliced before layer 0; dimension scores journalled
 ])
 def test_killed_structured_run_resumes_bit_identical(tiny_with_tokenizer, calib_text, tmp_path, pattern, method,
                                                      fault, resumed):

@@ -57,7 +57,7 @@ def prune_parser() -> argparse.ArgumentParser:
                                     "with --pattern experts: reap (default) or frequency")
     p.add_argument("--pattern", default="unstructured",
                    help="unstructured (default), N:M (e.g. 2:4), structured: channels, heads, kv-heads, layers, "
-                        "experts, or a mix with a ratio each, e.g. channels=0.2,heads=0.34,layers=0.1")
+                        "hidden, experts, or a mix with a ratio each, e.g. channels=0.2,heads=0.34,layers=0.1")
     p.add_argument("--target-params", help="shrink to this many parameters, a fraction of the input's (0.8) or a "
                                            "count (1.5B, 900M): the mix of channels, heads and layers (or the kinds "
                                            "--pattern names) is chosen from damage measured on calibration data")
