@@ -197,7 +197,7 @@ def evaluate(model: str | os.PathLike | torch.nn.Module, data: str = "auto", seq
         data = data_sources.resolve_source(data)  # a bad name fails before any loading; "auto" is decided
     source = open_source(str(model), revision)
     try:
-        config = source.layout.config
+        config = source.layout.text_config
         if windows is None:
             check_seqlen(config, seqlen)
             windows = _tokenised_windows(source.tokenizer(), data, seqlen, max_windows)
@@ -230,6 +230,7 @@ def _evaluate_loaded(model: torch.nn.Module, data: str, seqlen: int, windows: to
     """A model already in memory: whole-model mode on its own device and dtype."""
     start = time.perf_counter()
     config = model.config
+    vocab = config.get_text_config().vocab_size
     if windows is None:
         folder = getattr(config, "_name_or_path", "")
         if not folder or not (Path(folder) / "config.json").is_file():
@@ -239,9 +240,9 @@ def _evaluate_loaded(model: torch.nn.Module, data: str, seqlen: int, windows: to
         windows = _tokenised_windows(load_tokenizer(Path(folder)), data, seqlen, max_windows)
     else:
         check_seqlen(config, windows.shape[-1])
-    windows = check_windows(windows, getattr(config, "vocab_size", None))
+    windows = check_windows(windows, vocab)
     param = next(model.parameters())
-    batch = batch_size or auto_batch_size(param.device, windows.shape[1], config.vocab_size)
+    batch = batch_size or auto_batch_size(param.device, windows.shape[1], vocab)
     was_training = model.training
     model.eval()
     try:
@@ -296,7 +297,7 @@ def _streamed_nll(source: Source, windows: torch.Tensor, batch: int, device: tor
     layout, checkpoint = source.layout, source.checkpoint
     outer = ModelWithoutLayers(layout, checkpoint.read, device, dtype)
     # Hidden states of every window wait between layers on the device when they fit, else on the CPU.
-    park = parking(device, windows.numel() * layout.config.hidden_size * dtype.itemsize)
+    park = parking(device, windows.numel() * layout.text_config.hidden_size * dtype.itemsize)
     acts = Activations(outer, windows, batch, park)
     for layer in layers(checkpoint, layout, device, dtype, desc="eval (streamed)", progress=progress):
         acts.advance(layer.module(), layer.index)
