@@ -254,6 +254,30 @@ def _language_model_path(model: nn.Module) -> str | None:
     return None if path is None else path.rpartition(".")[0]
 
 
+def language_model(model: nn.Module) -> nn.Module:
+    """The smallest module holding both the input embeddings and the head, whose forward maps token
+    ids to logits: the model itself, or the causal LM inside a multimodal wrapper (Llama 4's
+    ``language_model``). Text-only evaluation and calibration run through it."""
+    try:
+        ends = [model.get_input_embeddings(), model.get_output_embeddings()]
+    except (NotImplementedError, AttributeError):
+        return model
+    paths = [next((p for p, m in model.named_modules() if m is end), None) for end in ends]
+    if None in paths:
+        return model
+    common = []
+    for a, b in zip(*(p.split(".") for p in paths)):
+        if a != b:
+            break
+        common.append(a)
+    while common:
+        module = model.get_submodule(".".join(common))
+        if isinstance(module, transformers.PreTrainedModel) and module.get_output_embeddings() is ends[1]:
+            return module
+        common.pop()
+    return model
+
+
 def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The decoder layers: the ModuleList of ``_no_split_modules`` blocks with most parameters inside
     the language model (the module holding the input embeddings).
@@ -371,7 +395,7 @@ class ModelWithoutLayers:
         self.hook = _Hook(len(layers))
         for i in range(len(layers)):
             layers[i] = _LayerStandIn(i, self.hook)
-        self.model = fill_parameters(model, layout, read, device, dtype)
+        self.model = language_model(fill_parameters(model, layout, read, device, dtype))
         self.device = device
 
     @torch.no_grad()

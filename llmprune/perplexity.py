@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from transformers import PretrainedConfig
 
 from . import data as data_sources
-from .arch import ModelWithoutLayers, context_length, load_config, load_whole
+from .arch import ModelWithoutLayers, context_length, language_model, load_config, load_whole
 from .checkpoint import Checkpoint
 from .config import EvalConfig
 from .devices import DTYPES, available_memory, limit, parse_budget, resolve_device
@@ -282,6 +282,7 @@ def load_model(source: Source, device: torch.device, dtype: torch.dtype, progres
 def _forward_nll(model: torch.nn.Module, windows: torch.Tensor, batch: int, device: torch.device,
                  progress: bool) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float64, device=device)
+    model = language_model(model)  # a multimodal model's text path (token ids -> logits)
     for ids in track(windows.split(batch), "eval", "batch", enabled=progress):
         ids = ids.to(device)  # (B, T)
         # No labels: transformers would compute a second, mean-reduced loss over the full vocabulary.

@@ -3,6 +3,7 @@ structure, and the small things every workflow reads from it (tokenizer, recipe,
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -105,6 +106,21 @@ def match_experts(layout: Layout, names: Iterable[str]) -> None:
                 layout.plans[index] = plan
     layout.experts = [_experts_of(layout, i) for i in range(layout.num_layers)]
     _warn_uncovered(layout)
+
+
+def check_routing(layout: Layout) -> None:
+    """Refuse calibration when a fused experts module is called with tokens already grouped by
+    expert (Llama 4's ``Llama4TextExperts(hidden)``) instead of ``(hidden, indices, weights)``:
+    which rows reach which expert, with what weight, cannot be seen."""
+    for index, blocks in enumerate(layout.moe):
+        for block in blocks:
+            if not block.weights or not block.weights[0].fused:
+                continue
+            experts = layout.layer_module(index).get_submodule(block.experts)
+            if len(inspect.signature(experts.forward).parameters) < 3:
+                raise LlmpruneError(f"{layout.config.model_type}: {type(experts).__name__} receives tokens already "
+                                    "grouped by expert, so calibrated methods (wanda, sparsegpt, admm, OWL) cannot "
+                                    "see each expert's inputs; use --method magnitude")
 
 
 def _experts_of(layout: Layout, index: int) -> list[Expert]:

@@ -202,3 +202,40 @@ def test_gpt_neox_head_named_embed_out(gpt_neox, calib_text, tmp_path, method):
     assert run_cli("eval", out, "--data", calib_text, "--seqlen", 32, "--max-windows", 2, "--stream",
                    "--json", path, "-q") == 0
     assert json.loads(path.read_text())["perplexity"] == pytest.approx(reference_ppl(model, windows), rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def llama4(tmp_path_factory) -> Path:
+    text = dict(TEXT, intermediate_size=96, num_hidden_layers=2, head_dim=16, num_local_experts=2,
+                num_experts_per_tok=1, interleave_moe_layer_step=2, no_rope_layers=[1, 1], attention_chunk_size=32)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+                  patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32,
+                  pixel_shuffle_ratio=0.5)
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama4", text_config=text, vision_config=vision, image_token_index=V - 1)
+    model = AutoModelForImageTextToText.from_config(config)
+    return _with_tokenizer(model, tmp_path_factory.mktemp("llama4") / "llama4")
+
+
+def test_llama4_magnitude_and_eval_through_its_causal_lm(llama4, calib_text, tmp_path):
+    """Llama 4 wraps a whole causal LM (``language_model``): evaluation runs through it."""
+    out = tmp_path / "out"
+    assert run_cli(llama4, "--sparsity", "0.5", "--eval", calib_text, "--eval-seqlen", 32, "--eval-max-windows", 2,
+                   "-o", out, "-q") == 0
+    before, after = tensors(llama4), tensors(out)
+    assert all(raw(after[n]) == raw(t) for n, t in before.items() if n.startswith(("vision_model", "multi_modal")))
+    experts = after["language_model.model.layers.1.feed_forward.experts.gate_up_proj"]
+    assert (experts == 0).float().mean().item() == 0.5
+    recipe = json.loads((out / "llmprune.json").read_text())
+    assert set(recipe["sparsity"]["not_pruned"]) == {"vision_model", "multi_modal_projector"}
+    from llmprune.perplexity import load_windows
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    expected = reference_ppl(model.language_model, load_windows(str(out), str(calib_text), 32, 2))
+    assert recipe["eval"]["pruned"]["perplexity"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_llama4_calibrated_methods_refused(llama4, calib_text, tmp_path, capsys):
+    expect_error(capsys, tmp_path, [llama4, "--method", "wanda", "--sparsity", "0.5", "--calib-data", calib_text,
+                                    "--nsamples", 2, "--seqlen", 32],
+                 "llama4: Llama4TextExperts receives tokens already grouped by expert, so calibrated methods "
+                 "(wanda, sparsegpt, admm, OWL) cannot see each expert's inputs; use --method magnitude")
