@@ -239,3 +239,19 @@ def test_llama4_calibrated_methods_refused(llama4, calib_text, tmp_path, capsys)
                                     "--nsamples", 2, "--seqlen", 32],
                  "llama4: Llama4TextExperts receives tokens already grouped by expert, so calibrated methods "
                  "(wanda, sparsegpt, admm, OWL) cannot see each expert's inputs; use --method magnitude")
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_multimodal_layer_removal_renumbers_in_the_input_layout(multimodal, calib_text, tmp_path, family):
+    """--pattern layers drops a decoder layer of the language model, never a vision block."""
+    source, out = multimodal[family], tmp_path / "out"
+    _, layers, outside = FAMILIES[family]
+    assert run_cli(source, "--pattern", "layers", "--sparsity", "0.34", "--calib-data", calib_text, "--nsamples", 2,
+                   "--seqlen", 32, "-o", out, "-q") == 0
+    before, after = tensors(source), tensors(out)
+    assert {n for n in after if n.startswith(layers)} == \
+        {n for n in before if n.startswith(layers) and not n.startswith(f"{layers}2.")}
+    assert all(raw(after[n]) == raw(t) for n, t in before.items() if n.startswith(outside))
+    assert json.loads((out / "config.json").read_text())["text_config"]["num_hidden_layers"] == 2
+    model, info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
