@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import transformers
 from accelerate import init_empty_weights
 from torch import nn
-import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
@@ -289,8 +289,6 @@ def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     within = "" if not language else language + "."
     candidates = []
     for path, module in model.named_modules():
-        if not path.startswith(within):
-            continue
         if isinstance(module, nn.ModuleList) and len(module) and all(
             type(child).__name__ in block_names for child in module
         ):
@@ -300,7 +298,8 @@ def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         raise LlmpruneError(
             f"no decoder layers found in {type(model).__name__} (no ModuleList of {sorted(block_names) or 'known blocks'})"
         )
-    _, path, layers = max(candidates, key=lambda c: c[0])
+    inside = [c for c in candidates if c[1].startswith(within)]
+    _, path, layers = max(inside or candidates, key=lambda c: c[0])
     return path, layers
 
 
