@@ -4,17 +4,26 @@ Everything is discovered from the model class transformers builds for a ``config
 meta device, with no per-family tables: the decoder layers are the ModuleList whose children are
 the classes the model lists in ``_no_split_modules``; the prunable weights are the 2-D weights of
 the linear layers (``nn.Linear`` and GPT-2's transposed ``Conv1D``) inside those layers.
+
+Multimodal (image-text-to-text) checkpoints are built with their own class; the decoder layers
+are the language model's (the module holding ``get_input_embeddings()``), and the vision tower and
+projector are tensors outside the decoder layers, written unchanged. Checkpoint names that
+transformers renames on load (``language_model.model.layers`` -> ``model.language_model.layers``,
+GPT-NeoX's ``embed_out`` -> ``lm_head``) are mapped by its own renaming rules
+(``conversion.prefix_renamings``, given to ``Layout.match_checkpoint``).
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
+import transformers
 from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from .errors import LlmpruneError
@@ -46,6 +55,10 @@ class Layout:
     layers_path: str  # e.g. "model.layers"
     linears: list[list[Linear]]  # per layer index
     prefix_to_strip: str = ""  # checkpoint names lack this prefix (set by match_checkpoint)
+    # Whole-name renamings transformers applies on load (set by match_checkpoint): in-memory prefix
+    # -> on-disk prefix, longest first, e.g. ("model.language_model.", "language_model.model.").
+    renamed_prefixes: list[tuple[str, str]] = field(default_factory=list)
+    _to_memory: dict[str, str] = field(default_factory=dict, repr=False)
     _layers: nn.ModuleList = field(default=None, repr=False)
     # Mixtures of experts, filled by ``source.match_experts`` (arch and experts are independent
     # modules of one layer): per layer index its ``experts.MoeBlock``s and its ``experts.Expert``
@@ -87,15 +100,26 @@ class Layout:
             return name
         return plan.group(name).sources[0]
 
+    @property
+    def text_config(self) -> PretrainedConfig:
+        """The language model's config (the config itself for a text-only model)."""
+        return self.config.get_text_config()
+
     def checkpoint_name(self, model_name: str) -> str:
+        """The on-disk name of an in-memory name (or name prefix)."""
         if self.prefix_to_strip and model_name.startswith(self.prefix_to_strip):
-            return model_name[len(self.prefix_to_strip):]
+            model_name = model_name[len(self.prefix_to_strip):]
+        for memory, disk in self.renamed_prefixes:
+            if model_name.startswith(memory):
+                return disk + model_name[len(memory):]
         return model_name
 
     def model_name(self, checkpoint_name: str) -> str:
-        if self.prefix_to_strip and not checkpoint_name.startswith(self.prefix_to_strip):
-            return self.prefix_to_strip + checkpoint_name
-        return checkpoint_name
+        """The in-memory name of an on-disk name."""
+        name = self._to_memory.get(checkpoint_name, checkpoint_name)
+        if self.prefix_to_strip and not name.startswith(self.prefix_to_strip):
+            return self.prefix_to_strip + name
+        return name
 
     def layer_of(self, checkpoint_name: str) -> int | None:
         """Decoder layer index of a checkpoint tensor, or None for tensors outside the layers."""
@@ -106,21 +130,74 @@ class Layout:
         index = name[len(head):].split(".", 1)[0]
         return int(index) if index.isdigit() and int(index) < self.num_layers else None
 
-    def match_checkpoint(self, names: set[str]) -> None:
-        """Learn whether the checkpoint's names carry the base-model prefix.
+    def match_checkpoint(self, names: set[str], rename: Callable[[str], str] | None = None) -> None:
+        """Learn how the checkpoint's names become the model's: ``rename`` (transformers' whole-name
+        renamings, on-disk -> in-memory), then whether they carry the base-model prefix.
 
         Raises when the checkpoint holds none of the decoder layers' weights.
         """
+        if rename is not None:
+            self._learn_renamings(names, rename)
         probe = self.layer_prefix(0) + self.linears[0][0].weight if self.linears and self.linears[0] else None
         if probe is None:
             return
-        if probe in names:
+        if self.checkpoint_name(probe) in names:
             return
         base = getattr(self.skeleton, "base_model_prefix", "")
         if base and probe.startswith(base + ".") and probe[len(base) + 1:] in names:
             self.prefix_to_strip = base + "."
             return
-        raise LlmpruneError(f"the checkpoint has no tensor {probe!r}: weights do not match config.json")
+        raise LlmpruneError(f"the checkpoint has no tensor {self.checkpoint_name(probe)!r}: weights do not match "
+                            "config.json")
+
+    def _learn_renamings(self, names: set[str], rename: Callable[[str], str]) -> None:
+        """The prefix pairs of the renamings ``rename`` applies to these ``names``; each name must map
+        back to itself, or the checkpoint's names are refused."""
+        pairs: dict[str, str] = {}
+        for name in sorted(names):
+            memory = rename(name)
+            if memory == name:
+                continue
+            self._to_memory[name] = memory
+            disk_prefix, memory_prefix = _differing_prefixes(name, memory)
+            if pairs.setdefault(memory_prefix, disk_prefix) != disk_prefix:
+                raise LlmpruneError(f"{type(self.skeleton).__name__}: checkpoint names {pairs[memory_prefix]!r}... "
+                                    f"and {disk_prefix!r}... both load as {memory_prefix!r}...")
+        self.renamed_prefixes = sorted(pairs.items(), key=lambda p: -len(p[0]))
+        for name, memory in self._to_memory.items():
+            if self.checkpoint_name(memory) != name:
+                raise LlmpruneError(f"{type(self.skeleton).__name__}: cannot map {memory!r} back to the checkpoint's "
+                                    f"{name!r}")
+
+    def outside_language_model(self) -> dict[str, int]:
+        """Sub-models beside the language model (a vision tower, a projector), by checkpoint name
+        prefix, with their parameter counts; empty for a text-only model. Never pruned."""
+        if self.text_config is self.config:
+            return {}
+        language = _language_model_path(self.skeleton)
+        head = self.skeleton.get_output_embeddings()
+        keep = {id(p) for p in head.parameters()} if head is not None else set()
+        if language is not None:
+            keep |= {id(p) for p in self.skeleton.get_submodule(language).parameters()}
+        parts: dict[str, int] = {}
+        for path, module in self.skeleton.named_modules():
+            if not path or any(path.startswith(p + ".") for p in parts):
+                continue
+            params = list(module.parameters())
+            if params and not any(id(p) in keep for p in params):
+                parts[path] = sum(p.numel() for p in params)
+        return {self.checkpoint_name(path + ".").rstrip("."): n for path, n in parts.items()}
+
+
+def _differing_prefixes(disk: str, memory: str) -> tuple[str, str]:
+    """The prefixes of two names that differ before their longest common dotted suffix:
+    ("language_model.model.", "model.language_model.") for ``language_model.model.norm.weight`` and
+    ``model.language_model.norm.weight``."""
+    a, b = disk.split("."), memory.split(".")
+    common = 0
+    while common < min(len(a), len(b)) and a[-1 - common] == b[-1 - common]:
+        common += 1
+    return "".join(p + "." for p in a[:len(a) - common]), "".join(p + "." for p in b[:len(b) - common])
 
 
 def load_config(folder: str) -> PretrainedConfig:
@@ -131,14 +208,34 @@ def load_config(folder: str) -> PretrainedConfig:
         raise LlmpruneError(f"cannot read config.json in {folder}: {reason}") from None
 
 
+def is_multimodal(config: PretrainedConfig) -> bool:
+    """Whether the config wraps a language model's config beside others (a vision tower's)."""
+    return config.get_text_config() is not config
+
+
+def model_class(config: PretrainedConfig):
+    """The class ``from_pretrained`` loads the checkpoint with: a causal LM, or for a multimodal
+    config its own class (the ``architectures`` entry), else ``AutoModelForImageTextToText``."""
+    if not is_multimodal(config):
+        return AutoModelForCausalLM
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) and \
+                isinstance(config, cls.config_class):
+            return cls
+    return AutoModelForImageTextToText
+
+
 def build_skeleton(config: PretrainedConfig) -> nn.Module:
     """The model with parameters on the meta device; buffers (rotary tables) stay real."""
+    cls = model_class(config)
     try:
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config)
-    except (ValueError, KeyError, ImportError) as err:
-        reason = str(err).strip().splitlines()[0]
-        raise LlmpruneError(f"transformers cannot build a causal LM from this config: {reason}") from None
+            model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls._from_config(config)
+    except (ValueError, KeyError, ImportError, TypeError, AttributeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        what = "a causal LM" if cls is AutoModelForCausalLM else f"{config.model_type} ({cls.__name__})"
+        raise LlmpruneError(f"transformers cannot build {what} from this config: {reason}") from None
     return model.eval()
 
 
@@ -147,12 +244,49 @@ def _is_linear(module: nn.Module) -> bool:
         and module.weight.dim() == 2
 
 
-def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder layers: the ModuleList of ``_no_split_modules`` blocks with most parameters.
+def _language_model_path(model: nn.Module) -> str | None:
+    """The path of the module holding the input embeddings ("model.language_model", "transformer")."""
+    try:
+        embeddings = model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        return None
+    path = next((p for p, m in model.named_modules() if m is embeddings), None)
+    return None if path is None else path.rpartition(".")[0]
 
-    Multimodal models list their vision blocks too; the language model's stack is the largest.
+
+def language_model(model: nn.Module) -> nn.Module:
+    """The smallest module holding both the input embeddings and the head, whose forward maps token
+    ids to logits: the model itself, or the causal LM inside a multimodal wrapper (Llama 4's
+    ``language_model``). Text-only evaluation and calibration run through it."""
+    try:
+        ends = [model.get_input_embeddings(), model.get_output_embeddings()]
+    except (NotImplementedError, AttributeError):
+        return model
+    paths = [next((p for p, m in model.named_modules() if m is end), None) for end in ends]
+    if None in paths:
+        return model
+    common = []
+    for a, b in zip(*(p.split(".") for p in paths)):
+        if a != b:
+            break
+        common.append(a)
+    while common:
+        module = model.get_submodule(".".join(common))
+        if isinstance(module, transformers.PreTrainedModel) and module.get_output_embeddings() is ends[1]:
+            return module
+        common.pop()
+    return model
+
+
+def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder layers: the ModuleList of ``_no_split_modules`` blocks with most parameters inside
+    the language model (the module holding the input embeddings).
+
+    Multimodal models list their vision blocks too; those lie outside the language model.
     """
     block_names = set(getattr(model, "_no_split_modules", None) or [])
+    language = _language_model_path(model)
+    within = "" if not language else language + "."
     candidates = []
     for path, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) and all(
@@ -164,7 +298,8 @@ def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         raise LlmpruneError(
             f"no decoder layers found in {type(model).__name__} (no ModuleList of {sorted(block_names) or 'known blocks'})"
         )
-    _, path, layers = max(candidates, key=lambda c: c[0])
+    inside = [c for c in candidates if c[1].startswith(within)]
+    _, path, layers = max(inside or candidates, key=lambda c: c[0])
     return path, layers
 
 
@@ -259,7 +394,7 @@ class ModelWithoutLayers:
         self.hook = _Hook(len(layers))
         for i in range(len(layers)):
             layers[i] = _LayerStandIn(i, self.hook)
-        self.model = fill_parameters(model, layout, read, device, dtype)
+        self.model = language_model(fill_parameters(model, layout, read, device, dtype))
         self.device = device
 
     @torch.no_grad()
@@ -332,6 +467,7 @@ def load_whole(layout: Layout, read: "callable", device: torch.device, dtype: to
 
 def context_length(config: PretrainedConfig) -> int | None:
     """The longest sequence the model's positions allow, or None when the config does not say."""
+    config = config.get_text_config()
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:

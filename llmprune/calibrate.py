@@ -16,7 +16,7 @@ from . import data
 from .arch import Linear, ModelWithoutLayers, as_out_in
 from .config import PruneConfig
 from .errors import LlmpruneError
-from .source import Source, capped_seqlen
+from .source import Source, capped_seqlen, check_routing
 from .stream import Activations
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,7 @@ def calibration(cfg: PruneConfig, source: Source, device: torch.device, store: t
                 ids: torch.Tensor | None = None) -> tuple[ModelWithoutLayers, torch.Tensor]:
     """The model's embeddings and head and the calibration token windows (``ids`` when given;
     states kept on ``store``)."""
+    check_routing(source.layout)
     if ids is None:
         ids = calibration_ids(cfg, source)
     outer = ModelWithoutLayers(source.layout, source.checkpoint.read, device)

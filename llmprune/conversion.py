@@ -48,6 +48,30 @@ def conversion_rules(source: PretrainedConfig | PreTrainedModel) -> list:
     return rules + (get_checkpoint_conversion_mapping("legacy") or [])
 
 
+def _anchored(rule) -> bool:
+    return all(p.startswith("^") for p in rule.source_patterns)
+
+
+def prefix_renamings(rules: list) -> list:
+    """The renamings among ``rules`` that move whole sub-models, every source pattern anchored at
+    the start of the name (``^language_model`` -> ``model.language_model``, GPT-NeoX's ``^embed_out.``
+    -> ``lm_head.``): they rename a checkpoint name's prefix, never a tensor inside a layer."""
+    if WeightRenaming is None:
+        return []
+    return [r for r in rules if isinstance(r, WeightRenaming) and _anchored(r)]
+
+
+def layer_rules(rules: list) -> list:
+    """``rules`` without the ``prefix_renamings``: those ``plan_layer`` applies to one layer."""
+    prefix = {id(r) for r in prefix_renamings(rules)}
+    return [r for r in rules if id(r) not in prefix]
+
+
+def rename(name: str, renamings: list) -> str:
+    """``name`` (on disk) as ``from_pretrained`` renames it by ``renamings``, in turn."""
+    return apply_renamings(name, renamings) if renamings else name
+
+
 @dataclass(frozen=True)
 class Group:
     """One in-memory tensor and the on-disk tensors it is made of.

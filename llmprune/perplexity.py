@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from transformers import PretrainedConfig
 
 from . import data as data_sources
-from .arch import ModelWithoutLayers, context_length, load_config, load_whole
+from .arch import ModelWithoutLayers, context_length, language_model, load_config, load_whole
 from .checkpoint import Checkpoint
 from .config import EvalConfig
 from .devices import DTYPES, available_memory, limit, parse_budget, resolve_device
@@ -197,7 +197,7 @@ def evaluate(model: str | os.PathLike | torch.nn.Module, data: str = "auto", seq
         data = data_sources.resolve_source(data)  # a bad name fails before any loading; "auto" is decided
     source = open_source(str(model), revision)
     try:
-        config = source.layout.config
+        config = source.layout.text_config
         if windows is None:
             check_seqlen(config, seqlen)
             windows = _tokenised_windows(source.tokenizer(), data, seqlen, max_windows)
@@ -230,6 +230,7 @@ def _evaluate_loaded(model: torch.nn.Module, data: str, seqlen: int, windows: to
     """A model already in memory: whole-model mode on its own device and dtype."""
     start = time.perf_counter()
     config = model.config
+    vocab = config.get_text_config().vocab_size
     if windows is None:
         folder = getattr(config, "_name_or_path", "")
         if not folder or not (Path(folder) / "config.json").is_file():
@@ -239,9 +240,9 @@ def _evaluate_loaded(model: torch.nn.Module, data: str, seqlen: int, windows: to
         windows = _tokenised_windows(load_tokenizer(Path(folder)), data, seqlen, max_windows)
     else:
         check_seqlen(config, windows.shape[-1])
-    windows = check_windows(windows, getattr(config, "vocab_size", None))
+    windows = check_windows(windows, vocab)
     param = next(model.parameters())
-    batch = batch_size or auto_batch_size(param.device, windows.shape[1], config.vocab_size)
+    batch = batch_size or auto_batch_size(param.device, windows.shape[1], vocab)
     was_training = model.training
     model.eval()
     try:
@@ -281,6 +282,7 @@ def load_model(source: Source, device: torch.device, dtype: torch.dtype, progres
 def _forward_nll(model: torch.nn.Module, windows: torch.Tensor, batch: int, device: torch.device,
                  progress: bool) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float64, device=device)
+    model = language_model(model)  # a multimodal model's text path (token ids -> logits)
     for ids in track(windows.split(batch), "eval", "batch", enabled=progress):
         ids = ids.to(device)  # (B, T)
         # No labels: transformers would compute a second, mean-reduced loss over the full vocabulary.
@@ -296,7 +298,7 @@ def _streamed_nll(source: Source, windows: torch.Tensor, batch: int, device: tor
     layout, checkpoint = source.layout, source.checkpoint
     outer = ModelWithoutLayers(layout, checkpoint.read, device, dtype)
     # Hidden states of every window wait between layers on the device when they fit, else on the CPU.
-    park = parking(device, windows.numel() * layout.config.hidden_size * dtype.itemsize)
+    park = parking(device, windows.numel() * layout.text_config.hidden_size * dtype.itemsize)
     acts = Activations(outer, windows, batch, park)
     for layer in layers(checkpoint, layout, device, dtype, desc="eval (streamed)", progress=progress):
         acts.advance(layer.module(), layer.index)

@@ -41,13 +41,17 @@ def sparsity_summary(source: Source, targets: dict[str, float], zeros: dict[str,
         per_layer_num[m.layer] += zeros[m.name]
         per_layer_den[m.layer] += m.numel
     total = sum(per_layer_den)
-    return {
+    summary = {
         "overall": sum(per_layer_num) / total,
         "target_mean": sum(targets.get(m.name, 0.0) * m.numel for m in matrices) / total,
         "matrices_pruned": sum(1 for m in matrices if targets.get(m.name, 0.0) > 0),
         "layers": [n / d if d else 0.0 for n, d in zip(per_layer_num, per_layer_den)],
         "matrices": per_matrix,
     }
+    outside = source.layout.outside_language_model()
+    if outside:  # a multimodal model's vision tower and projector: parameters per part, written unchanged
+        summary["not_pruned"] = outside
+    return summary
 
 
 @dataclass

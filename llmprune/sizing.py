@@ -173,7 +173,7 @@ def weight_bytes(checkpoint: Checkpoint, dtype: torch.dtype) -> int:
 def check_budget(source: Source, stream: bool, batch: int, seqlen: int, device: torch.device, dtype: torch.dtype,
                  budget: dict[str, int]) -> None:
     """Refuse up front when the chosen mode cannot fit ``--max-memory``."""
-    logits = batch * seqlen * source.layout.config.vocab_size * 4
+    logits = batch * seqlen * source.layout.config.get_text_config().vocab_size * 4
     if not stream:
         require("whole-model evaluation", {"of weights": weight_bytes(source.checkpoint, dtype), "of logits": logits},
                 device, budget)

@@ -3,6 +3,7 @@ structure, and the small things every workflow reads from it (tokenizer, recipe,
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -16,7 +17,7 @@ from . import ratios
 from .arch import Layout, context_length, layout_of, load_config
 from .checkpoint import Checkpoint, resolve
 from .errors import LlmpruneError, one_line
-from .conversion import LayerPlan, conversion_rules, plan_layer
+from .conversion import LayerPlan, conversion_rules, layer_rules, plan_layer, prefix_renamings, rename
 from .experts import UP, Expert, find_moe, uncovered_weights
 from .hubstream import HubCheckpoint
 from .packaged import resolve_packaged
@@ -66,8 +67,13 @@ def open_source(model: str, revision: str | None = None, stream_from_hub: bool =
         checkpoint = Checkpoint(folder)
     layout = layout_of(load_config(str(folder)))
     names = set(checkpoint.names)
-    layout.match_checkpoint(names)
+    renamings = prefix_renamings(conversion_rules(layout.skeleton))
+    layout.match_checkpoint(names, (lambda name: rename(name, renamings)) if renamings else None)
     match_experts(layout, names)
+    outside = layout.outside_language_model()
+    if outside:
+        log.info("%s: outside the language model, never pruned",
+                 ", ".join(f"{name} ({count:,} parameters)" for name, count in outside.items()))
     return Source(folder, info, checkpoint, layout)
 
 
@@ -92,7 +98,7 @@ def match_experts(layout: Layout, names: Iterable[str]) -> None:
     for index, blocks in enumerate(layout.moe):
         never = {n for block in blocks for n in block.never_prune()}
         layout.linears[index] = [lin for lin in layout.linears[index] if lin.weight not in never]
-    rules = conversion_rules(layout.skeleton)
+    rules = layer_rules(conversion_rules(layout.skeleton))
     for index, layer_names in enumerate(per_layer):
         if rules and layer_names:
             plan = plan_layer(layout.skeleton, layer_names, rules=rules)
@@ -100,6 +106,21 @@ def match_experts(layout: Layout, names: Iterable[str]) -> None:
                 layout.plans[index] = plan
     layout.experts = [_experts_of(layout, i) for i in range(layout.num_layers)]
     _warn_uncovered(layout)
+
+
+def check_routing(layout: Layout) -> None:
+    """Refuse calibration when a fused experts module is called with tokens already grouped by
+    expert (Llama 4's ``Llama4TextExperts(hidden)``) instead of ``(hidden, indices, weights)``:
+    which rows reach which expert, with what weight, cannot be seen."""
+    for index, blocks in enumerate(layout.moe):
+        for block in blocks:
+            if not block.weights or not block.weights[0].fused:
+                continue
+            experts = layout.layer_module(index).get_submodule(block.experts)
+            if len(inspect.signature(experts.forward).parameters) < 3:
+                raise LlmpruneError(f"{layout.config.model_type}: {type(experts).__name__} receives tokens already "
+                                    "grouped by expert, so calibrated methods (wanda, sparsegpt, admm, OWL) cannot "
+                                    "see each expert's inputs; use --method magnitude")
 
 
 def _experts_of(layout: Layout, index: int) -> list[Expert]:

@@ -22,6 +22,8 @@ def summary(recipe: dict) -> str:
                  else f"--sparsity {cfg['sparsity']} of the units") + ")"),
         ("per layer", f"min {min(layers):.2%}, max {max(layers):.2%}"),
     ]
+    if sp.get("not_pruned"):
+        rows.append(("not pruned", f"{', '.join(sp['not_pruned'])} (outside the language model, unchanged)"))
     ft = recipe.get("finetune")
     if ft:
         rows.append(("fine-tune", f"{ft['mode']}, {ft['config']['steps']} steps"

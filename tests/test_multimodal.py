@@ -1,0 +1,257 @@
+"""Multimodal (image-text-to-text) checkpoints and heads not named ``lm_head``, through the CLI.
+
+Tiny random models of each tested family are built with transformers and saved as transformers
+saves them (older layout on disk: ``language_model.model.layers.*``, or Qwen2-VL's ``model.layers.*``
+beside ``visual.*``), with SmolLM2's tokenizer so calibration and evaluation text can be tokenised.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+from conftest import TOKENIZER_FILES, expect_error, run_cli
+from llmprune.packaged import smollm2_checkpoint
+
+V = 49152  # SmolLM2's vocabulary
+TEXT = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)
+MROPE = {"type": "mrope", "mrope_section": [2, 3, 3]}
+
+# family -> (config kwargs, checkpoint prefix of the language model's layers, prefixes outside it)
+FAMILIES = {
+    "gemma3": (dict(
+        text_config=dict(TEXT, model_type="gemma3_text", head_dim=16, sliding_window=16,
+                         layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=28, patch_size=14),
+        mm_tokens_per_image=4, image_token_index=V - 1, boi_token_index=V - 2, eoi_token_index=V - 3),
+        "language_model.model.layers.", ("vision_tower", "multi_modal_projector")),
+    "llava": (dict(
+        text_config=dict(TEXT, model_type="llama"),
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32),
+        image_token_index=V - 1),
+        "language_model.model.layers.", ("vision_tower", "multi_modal_projector")),
+    "qwen2_vl": (dict(
+        text_config=dict(TEXT, model_type="qwen2_vl_text", rope_scaling=MROPE, bos_token_id=0, eos_token_id=0),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2),
+        image_token_id=V - 1, video_token_id=V - 2, vision_start_token_id=V - 3),
+        "model.layers.", ("visual",)),
+    "qwen2_5_vl": (dict(
+        text_config=dict(TEXT, model_type="qwen2_5_vl_text", rope_scaling=MROPE, bos_token_id=0, eos_token_id=0),
+        vision_config=dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2,
+                           patch_size=14, spatial_merge_size=2, fullatt_block_indexes=[1]),
+        image_token_id=V - 1, video_token_id=V - 2, vision_start_token_id=V - 3),
+        "model.layers.", ("visual",)),
+    "mistral3": (dict(
+        text_config=dict(TEXT, model_type="mistral", head_dim=16),
+        vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=28, patch_size=14, head_dim=16),
+        image_token_index=V - 1, spatial_merge_size=2),
+        "language_model.model.layers.", ("vision_tower", "multi_modal_projector")),
+}
+
+
+def _with_tokenizer(model, folder: Path) -> Path:
+    model.save_pretrained(folder, max_shard_size="2MB")
+    for name in TOKENIZER_FILES:
+        shutil.copy(smollm2_checkpoint() / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def multimodal(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("multimodal")
+    out = {}
+    for family, (kwargs, _, _) in FAMILIES.items():
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_config(AutoConfig.for_model(family, **kwargs))
+        out[family] = _with_tokenizer(model, root / family)
+    return out
+
+
+@pytest.fixture(scope="module")
+def gpt_neox(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("gpt_neox", vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                  num_attention_heads=4, max_position_embeddings=256, tie_word_embeddings=False)
+    return _with_tokenizer(AutoModelForCausalLM.from_config(config), tmp_path_factory.mktemp("neox") / "gpt_neox")
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            out.update({name: f.get_tensor(name) for name in f.keys()})
+    return out
+
+
+def raw(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def reference_ppl(model, windows: torch.Tensor) -> float:
+    """Perplexity through the model's own forward, by hand: mean NLL of token t + 1 given 0..t."""
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=windows).logits  # (n, T, V)
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), windows[:, 1:].reshape(-1))
+    return math.exp(float(nll))
+
+
+METHODS = {
+    "magnitude": ("--method", "magnitude", "--sparsity", "0.5"),
+    "wanda": ("--method", "wanda", "--sparsity", "0.5"),
+    "sparsegpt": ("--method", "sparsegpt", "--pattern", "2:4"),
+    "channels": ("--method", "wanda", "--pattern", "channels", "--sparsity", "0.25"),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_multimodal_prunes_the_language_model_only(multimodal, calib_text, tmp_path, family, method):
+    source, out = multimodal[family], tmp_path / "out"
+    _, layers, outside = FAMILIES[family]
+    assert run_cli(source, *METHODS[method], "--calib-data", calib_text, "--nsamples", 2, "--seqlen", 32,
+                   "-o", out, "-q") == 0
+    before, after = tensors(source), tensors(out)
+    assert set(after) == set(before)  # the input's on-disk layout, every tensor kept
+    for name, tensor in before.items():
+        if name.startswith(outside):  # vision tower and projector: byte for byte the input's
+            assert after[name].dtype == tensor.dtype and raw(after[name]) == raw(tensor), name
+    q = after[f"{layers}0.self_attn.q_proj.weight"]
+    if method == "channels":
+        down = after[f"{layers}0.mlp.down_proj.weight"]
+        assert down.shape == (64, 96)
+        assert json.loads((out / "config.json").read_text())["text_config"]["intermediate_size"] == 96
+    elif method == "sparsegpt":
+        assert (q.reshape(-1, 4) == 0).sum(dim=1).eq(2).all()  # 2:4 in every group
+    else:
+        assert (q == 0).float().mean().item() == 0.5
+    recipe = json.loads((out / "llmprune.json").read_text())
+    assert set(recipe["sparsity"]["not_pruned"]) == set(outside)
+    assert recipe["sparsity"]["matrices_pruned"] == 21  # 7 linears x 3 decoder layers, no vision linear
+    # the same Auto class loads it as the same class, every weight found
+    model, info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
+    assert type(model).__name__ == json.loads((source / "config.json").read_text())["architectures"][0]
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_multimodal_eval_through_the_language_model(multimodal, calib_text, tmp_path, family):
+    """``llmprune eval`` whole and streamed agree with the model's own forward on text."""
+    from llmprune.perplexity import load_windows
+
+    source = multimodal[family]
+    results = {}
+    for mode in ("--no-stream", "--stream"):
+        path = tmp_path / f"{mode}.json"
+        assert run_cli("eval", source, "--data", calib_text, "--seqlen", 32, "--max-windows", 2, mode,
+                       "--json", path, "-q") == 0
+        results[mode] = json.loads(path.read_text())
+    assert results["--stream"]["mode"] == "streamed" and results["--no-stream"]["mode"] == "whole"
+    windows = load_windows(str(source), str(calib_text), 32, 2)
+    expected = reference_ppl(AutoModelForImageTextToText.from_pretrained(source), windows)
+    for result in results.values():
+        assert result["perplexity"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_multimodal_refused_when_weights_do_not_match(multimodal, tmp_path, capsys):
+    """A config whose checkpoint lacks the language model's layers is refused, naming the on-disk tensor."""
+    folder = tmp_path / "mismatch"
+    shutil.copytree(multimodal["llava"], folder)
+    before = tensors(folder)
+    for path in folder.glob("*.safetensors*"):
+        path.unlink()
+    from safetensors.torch import save_file
+    save_file({k: v for k, v in before.items() if ".layers." not in k or "vision" in k}, str(folder / "model.safetensors"))
+    expect_error(capsys, tmp_path, [folder, "--sparsity", "0.5"],
+                 "the checkpoint has no tensor 'language_model.model.layers.0.self_attn.q_proj.weight': "
+                 "weights do not match config.json")
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_gpt_neox_head_named_embed_out(gpt_neox, calib_text, tmp_path, method):
+    """GPT-NeoX stores its head as ``embed_out.weight``: calibrated methods and eval find it from the model."""
+    out = tmp_path / "out"
+    assert run_cli(gpt_neox, "--method", method, "--sparsity", "0.5", "--calib-data", calib_text, "--nsamples", 2,
+                   "--seqlen", 32, "--eval", calib_text, "--eval-seqlen", 32, "--eval-max-windows", 2,
+                   "-o", out, "-q") == 0
+    before, after = tensors(gpt_neox), tensors(out)
+    assert raw(after["embed_out.weight"]) == raw(before["embed_out.weight"])
+    assert (after["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"] == 0).float().mean().item() == 0.5
+    recipe = json.loads((out / "llmprune.json").read_text())
+    assert "not_pruned" not in recipe["sparsity"]
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+    from llmprune.perplexity import load_windows
+    windows = load_windows(str(out), str(calib_text), 32, 2)
+    assert recipe["eval"]["pruned"]["perplexity"] == pytest.approx(reference_ppl(model, windows), rel=1e-4)
+    path = tmp_path / "ppl.json"
+    assert run_cli("eval", out, "--data", calib_text, "--seqlen", 32, "--max-windows", 2, "--stream",
+                   "--json", path, "-q") == 0
+    assert json.loads(path.read_text())["perplexity"] == pytest.approx(reference_ppl(model, windows), rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def llama4(tmp_path_factory) -> Path:
+    text = dict(TEXT, intermediate_size=96, num_hidden_layers=2, head_dim=16, num_local_experts=2,
+                num_experts_per_tok=1, interleave_moe_layer_step=2, no_rope_layers=[1, 1], attention_chunk_size=32)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+                  patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32,
+                  pixel_shuffle_ratio=0.5)
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama4", text_config=text, vision_config=vision, image_token_index=V - 1)
+    model = AutoModelForImageTextToText.from_config(config)
+    return _with_tokenizer(model, tmp_path_factory.mktemp("llama4") / "llama4")
+
+
+def test_llama4_magnitude_and_eval_through_its_causal_lm(llama4, calib_text, tmp_path):
+    """Llama 4 wraps a whole causal LM (``language_model``): evaluation runs through it."""
+    out = tmp_path / "out"
+    assert run_cli(llama4, "--sparsity", "0.5", "--eval", calib_text, "--eval-seqlen", 32, "--eval-max-windows", 2,
+                   "-o", out, "-q") == 0
+    before, after = tensors(llama4), tensors(out)
+    assert all(raw(after[n]) == raw(t) for n, t in before.items() if n.startswith(("vision_model", "multi_modal")))
+    experts = after["language_model.model.layers.1.feed_forward.experts.gate_up_proj"]
+    assert (experts == 0).float().mean().item() == 0.5
+    recipe = json.loads((out / "llmprune.json").read_text())
+    assert set(recipe["sparsity"]["not_pruned"]) == {"vision_model", "multi_modal_projector"}
+    from llmprune.perplexity import load_windows
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    expected = reference_ppl(model.language_model, load_windows(str(out), str(calib_text), 32, 2))
+    assert recipe["eval"]["pruned"]["perplexity"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_llama4_calibrated_methods_refused(llama4, calib_text, tmp_path, capsys):
+    expect_error(capsys, tmp_path, [llama4, "--method", "wanda", "--sparsity", "0.5", "--calib-data", calib_text,
+                                    "--nsamples", 2, "--seqlen", 32],
+                 "llama4: Llama4TextExperts receives tokens already grouped by expert, so calibrated methods "
+                 "(wanda, sparsegpt, admm, OWL) cannot see each expert's inputs; use --method magnitude")
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_multimodal_layer_removal_renumbers_in_the_input_layout(multimodal, calib_text, tmp_path, family):
+    """--pattern layers drops a decoder layer of the language model, never a vision block."""
+    source, out = multimodal[family], tmp_path / "out"
+    _, layers, outside = FAMILIES[family]
+    assert run_cli(source, "--pattern", "layers", "--sparsity", "0.34", "--calib-data", calib_text, "--nsamples", 2,
+                   "--seqlen", 32, "-o", out, "-q") == 0
+    before, after = tensors(source), tensors(out)
+    assert {n for n in after if n.startswith(layers)} == \
+        {n for n in before if n.startswith(layers) and not n.startswith(f"{layers}2.")}
+    assert all(raw(after[n]) == raw(t) for n, t in before.items() if n.startswith(outside))
+    assert json.loads((out / "config.json").read_text())["text_config"]["num_hidden_layers"] == 2
+    model, info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
