@@ -16,6 +16,9 @@ from .ratios import check_sparsity, parse_schedule
 from .sparse import SAVE_FORMATS
 
 
+LATER_OPTIONS = ("tokenizer",)
+
+
 class Options:
     """What every config shares: the dict form stored in llmprune.json and the output dtype."""
     dtype: str | None
@@ -25,7 +28,13 @@ class Options:
         return DTYPES[self.dtype] if self.dtype else None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        # Options added after llmprune.json's format was fixed are recorded only when set, so a run
+        # that does not use them keeps its bytes and its resume key.
+        for name in LATER_OPTIONS:
+            if out.get(name, 0) is None:
+                del out[name]
+        return out
 
     def check_ints(self, minimums: dict[str, int], optional: tuple[str, ...] = ()) -> None:
         """Each named option an int >= its minimum (None allowed for those in ``optional``)."""
@@ -88,6 +97,7 @@ class PruneConfig(Options):
     resume: bool = False  # require an interrupted run of the same options to continue (it is continued anyway)
     max_memory: str | None = None  # e.g. "cpu=8GB,cuda=20GB" or "20GB" (the execution device)
     stream_from_hub: bool = False  # download a Hub model's shards one at a time, deleting each once read
+    tokenizer: str | None = None  # folder, Hub id or packaged name of the tokenizer (default: the model's)
 
     def __post_init__(self) -> None:
         if isinstance(self.finetune, dict):
@@ -117,7 +127,10 @@ class PruneConfig(Options):
             raise LlmpruneError("--ratios owl needs unstructured pruning: N:M fixes the sparsity of every group")
         if self.ratios == "owl" and self.schedule:
             raise LlmpruneError("--ratios owl and --schedule both set per-layer ratios: choose one")
-        self.check_ints({"nsamples": 1, "seqlen": 2, "eval_seqlen": 2, "eval_max_windows": 1}, ("eval_max_windows",))
+        criteria.get(self.method)
+        # magnitude pruning reads no calibration text: --nsamples 0 says so
+        self.check_ints({"nsamples": 1 if self.uses_calibration else 0, "seqlen": 2, "eval_seqlen": 2,
+                         "eval_max_windows": 1}, ("eval_max_windows",))
         if not self.owl_m > 0 or not 0 <= self.owl_lambda < 0.5:
             raise LlmpruneError("--owl-m must be > 0 and --owl-lambda in [0, 0.5)")
         self.check_placement()
@@ -130,11 +143,14 @@ class PruneConfig(Options):
             raise LlmpruneError(f"--save-format {self.save_format} cannot be combined with --finetune-steps yet: "
                                 "the fine-tune writes a dense model")
 
-        criteria.get(self.method)
-
     @property
     def parsed_pattern(self) -> Pattern:
         return Pattern.parse(self.pattern)
+
+    @property
+    def uses_calibration(self) -> bool:
+        """Whether the run reads calibration text: a calibrated criterion, OWL ratios or dropped layers."""
+        return criteria.get(self.method).needs_calibration or self.ratios == "owl" or self.pattern == "layers"
 
 
 @dataclass(frozen=True)
@@ -152,6 +168,7 @@ class EvalConfig(Options):
     tasks: tuple[str, ...] = ()  # zero-shot tasks for lm-evaluation-harness, e.g. ("hellaswag", "arc_easy")
     json_path: str | None = None  # where the JSON report goes
     max_memory: str | None = None  # e.g. "20GB" (the device) or "cpu=8GB,cuda=20GB"
+    tokenizer: str | None = None  # folder, Hub id or packaged name of the tokenizer (default: the model's)
 
     def __post_init__(self) -> None:
         if isinstance(self.tasks, str):

@@ -195,7 +195,7 @@ def sensitivity(cfg: SensitivityConfig, command: str | None = None, progress: bo
               "layers": [{"layer": i, "damage": {f"{s:g}": d for s, d in row.items()}, "sparsity": allocation[i],
                           "rule": layer_rule(source.layout, i)} for i, row in enumerate(damage)],
               "ratio_file": RATIO_FILE, "versions": versions()}
-    with temp_output(output) as tmp:
+    with temp_output(output, cfg.overwrite) as tmp:
         (tmp / RATIO_FILE).write_text(ratio_file(cfg, source.layout, allocation))
         (tmp / "sensitivity.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "sensitivity.md").write_text(markdown(report))

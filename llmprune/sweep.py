@@ -74,7 +74,7 @@ def sweep(cfg: SweepConfig, command: str | None = None, progress: bool = True) -
     windows = load_windows(source.folder, data, cfg.eval_seqlen, cfg.eval_max_windows)
     dense = evaluate(str(source.folder), data, windows=windows, device=cfg.device, progress=progress)
     calib = shared_calibration(cfg, source)
-    with temp_output(output) as tmp:
+    with temp_output(output, cfg.overwrite) as tmp:
         points = []
         grid = [(m, s) for m in cfg.methods for s in cfg.sparsities]
         for method, sparsity in track(grid, "sweep", "point", enabled=progress):
