@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -17,6 +18,21 @@ from .sparse import SAVE_FORMATS
 
 
 LATER_OPTIONS = ("tokenizer",)
+PATH_OPTIONS = ("ratios", "calib_data", "eval", "tokenizer", "data", "dense")  # values that may name local files
+# The fine-tune's training options, which the prune command takes prefixed --finetune-
+FINETUNE_TRAINING = ("steps", "mode", "data", "nsamples", "seqlen", "batch_size", "grad_accum", "lr", "warmup",
+                     "weight_decay", "max_grad_norm", "optim", "train_norms", "gradient_checkpointing", "precision",
+                     "dense", "targets", "distributed", "loss", "temperature", "seed")
+
+
+def _flag(name: str, value: object, path: Callable[[str], str]) -> list[str]:
+    """``--name value`` (or ``--name`` for a set switch) as the command line spells option ``name``."""
+    flag = "--" + name.replace("_", "-")
+    if value is True:
+        return [flag]
+    if isinstance(value, (tuple, list)):
+        value = ",".join(map(str, value))
+    return [flag, path(str(value))]
 
 
 class Options:
@@ -146,6 +162,31 @@ class PruneConfig(Options):
     @property
     def parsed_pattern(self) -> Pattern:
         return Pattern.parse(self.pattern)
+
+    def cli_args(self, path: Callable[[str], str] = str) -> list[str]:
+        """The arguments of the ``llmprune`` command that runs this config (options left at their
+        defaults omitted); ``path`` maps each value that may be a local path (the model, the output,
+        data, rules and tokenizer), e.g. to hide it in a published card."""
+        args = [path(self.model)]
+        implied = self.parsed_pattern.kind == "nm"
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("model", "finetune", "overwrite", "resume") or value == f.default \
+                    or (f.name == "sparsity" and implied):
+                continue
+            if f.name == "reconstruct":
+                args.append("--no-reconstruct")
+            elif f.name == "output":
+                args += ["-o", path(value)]
+            else:
+                args += _flag(f.name, value, path if f.name in PATH_OPTIONS else str)
+        if self.finetune is not None and self.finetune.steps > 0:
+            defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+            for name in FINETUNE_TRAINING:
+                value = getattr(self.finetune, name)
+                if name == "steps" or value != defaults[name]:
+                    args += _flag(f"finetune_{name}", value, path if name in PATH_OPTIONS else str)
+        return args
 
     @property
     def uses_calibration(self) -> bool:

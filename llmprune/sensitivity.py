@@ -33,6 +33,7 @@ from torch import nn
 from . import criteria, plots, ratios
 from .arch import Layout, Linear, as_out_in, find_layers
 from .calibrate import _hooks, calibration, calibration_ids, collect_stats
+from .card import public
 from .config import SensitivityConfig
 from .data import resolve_source
 from .devices import resolve_device
@@ -201,7 +202,7 @@ def sensitivity(cfg: SensitivityConfig, command: str | None = None, progress: bo
         (tmp / "sensitivity.md").write_text(markdown(report))
         label = "relative output error" if cfg.metric == "recon" else "perplexity"
         plots.sensitivity_lines(damage, allocation, label, tmp / "sensitivity.png",
-                                f"{cfg.model}: {cfg.method}, one layer pruned at a time")
+                                f"{public(cfg.model)}: {cfg.method}, one layer pruned at a time")
     report["output"] = str(output)
     return report
 

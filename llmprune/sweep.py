@@ -24,6 +24,7 @@ import torch
 
 from . import criteria, plots
 from .calibrate import calibration_ids
+from .card import public
 from .config import SweepConfig
 from .data import resolve_source
 from .output import check_output, default_output, temp_output
@@ -105,7 +106,7 @@ def write_outputs(report: dict, folder: Path) -> None:
     (folder / "sweep.md").write_text(markdown(report))
     pattern = report["config"]["pattern"]
     plots.sweep_lines(report["points"], report["dense"]["perplexity"], folder / "sweep.png",
-                      f"{report['model']} ({pattern}): perplexity on {report['eval']['data']}")
+                      f"{public(report['model'])} ({pattern}): perplexity on {public(report['eval']['data'])}")
 
 
 def markdown(report: dict) -> str:
