@@ -70,6 +70,31 @@ class Options:
         if self.device != "auto" and not self.device.startswith(("cpu", "cuda", "mps", "xpu")):
             raise LlmpruneError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
 
+    # option name -> its command-line flag where they differ; options the command line does not repeat
+    FLAGS: dict[str, str] = {}
+    NOT_REPEATED = ("overwrite", "resume")
+
+    def cli_args(self, path: Callable[[str], str] = str) -> list[str]:
+        """The arguments of the command that runs this config (options left at their defaults
+        omitted); ``path`` maps each value that may be a local path (the model, the output, data,
+        rules, tokenizer), e.g. to hide it in a published card."""
+        args = [path(self.model)]
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "model" or f.name in self.NOT_REPEATED or value == f.default or self._implied(f.name):
+                continue
+            if f.name == "output":
+                args += ["-o", path(value)]
+            elif value is False:  # a switch on by default
+                args.append("--no-" + self.FLAGS.get(f.name, f.name).replace("_", "-"))
+            else:
+                args += _flag(self.FLAGS.get(f.name, f.name), value, path if f.name in PATH_OPTIONS else str)
+        return args
+
+    def _implied(self, name: str) -> bool:
+        """Whether option ``name`` follows from the others (not repeated on the command line)."""
+        return False
+
     @classmethod
     def from_dict(cls, data: dict):
         known = {f.name for f in dataclasses.fields(cls)}
@@ -163,23 +188,14 @@ class PruneConfig(Options):
     def parsed_pattern(self) -> Pattern:
         return Pattern.parse(self.pattern)
 
+    NOT_REPEATED = ("overwrite", "resume", "finetune")
+
+    def _implied(self, name: str) -> bool:
+        return name == "sparsity" and self.parsed_pattern.kind == "nm"
+
     def cli_args(self, path: Callable[[str], str] = str) -> list[str]:
-        """The arguments of the ``llmprune`` command that runs this config (options left at their
-        defaults omitted); ``path`` maps each value that may be a local path (the model, the output,
-        data, rules and tokenizer), e.g. to hide it in a published card."""
-        args = [path(self.model)]
-        implied = self.parsed_pattern.kind == "nm"
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name in ("model", "finetune", "overwrite", "resume") or value == f.default \
-                    or (f.name == "sparsity" and implied):
-                continue
-            if f.name == "reconstruct":
-                args.append("--no-reconstruct")
-            elif f.name == "output":
-                args += ["-o", path(value)]
-            else:
-                args += _flag(f.name, value, path if f.name in PATH_OPTIONS else str)
+        """``Options.cli_args``, with the fine-tune's options prefixed --finetune-."""
+        args = super().cli_args(path)
         if self.finetune is not None and self.finetune.steps > 0:
             defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
             for name in FINETUNE_TRAINING:
@@ -210,6 +226,8 @@ class EvalConfig(Options):
     json_path: str | None = None  # where the JSON report goes
     max_memory: str | None = None  # e.g. "20GB" (the device) or "cpu=8GB,cuda=20GB"
     tokenizer: str | None = None  # folder, Hub id or packaged name of the tokenizer (default: the model's)
+
+    FLAGS = {"json_path": "json"}
 
     def __post_init__(self) -> None:
         if isinstance(self.tasks, str):
