@@ -28,7 +28,10 @@ class OutputClaim:
         self.path = out.with_name(f".{out.name}.lock")
         self._file = None
         while self._file is None:
-            file = open(self.path, "a+")
+            try:
+                file = open(self.path, "a+")
+            except OSError as err:
+                raise LlmpruneError(f"cannot write output {output}: {err.strerror or err}") from None
             try:
                 fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
