@@ -96,7 +96,10 @@ def collect_stats(criterion: ModuleType, module: nn.Module, index: int, acts: Ac
 
 def calibration_ids(cfg: PruneConfig, source: Source) -> torch.Tensor:
     """The calibration token windows (nsamples, seqlen), seqlen capped by the model's context."""
-    return data.calibration_samples(source.tokenizer(), cfg.calib_data, cfg.nsamples, capped_seqlen(source, cfg.seqlen), cfg.seed)
+    ids = data.calibration_samples(source.tokenizer(), cfg.calib_data, cfg.nsamples, capped_seqlen(source, cfg.seqlen),
+                                   cfg.seed, option="--calib-data")
+    data.check_token_ids(ids, getattr(source.layout.config.get_text_config(), "vocab_size", None))
+    return ids
 
 
 def calibration(cfg: PruneConfig, source: Source, device: torch.device, store: torch.device | Path,

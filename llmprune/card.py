@@ -4,26 +4,63 @@ sparsity, how to load it and the command that reproduces it.
 
 from __future__ import annotations
 
+import json
 import re
+import shlex
 from pathlib import Path
 
 import yaml
 
 from . import sparse
+from .config import PruneConfig
 from .source import Source
 
 
 def base_model_id(model: str, source: Source) -> str | None:
-    """The Hub id the output derives from, when there is one."""
+    """The Hub id the output derives from, when there is one: the Hub input itself, else the local
+    input's own card (``base_model``), else the ``_name_or_path`` its config was saved with. Never a
+    local path."""
     if model.startswith("packaged:"):
         return source.info.get("base_model") or "HuggingFaceTB/SmolLM2-135M-Instruct"
     if "commit" in source.info:
         return model
-    meta = input_card_metadata(source.folder).get("base_model")
-    return meta if isinstance(meta, str) and HUB_ID.match(meta) else None
+    for candidate in (input_card_metadata(source.folder).get("base_model"), _name_or_path(source.folder)):
+        if isinstance(candidate, str) and is_hub_id(candidate):
+            return candidate
+    return None
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def is_hub_id(text: str) -> bool:
+    """Whether ``text`` reads as a Hub repo id rather than a local path."""
+    return bool(HUB_ID.match(text)) and not Path(text).expanduser().is_absolute() and not text.startswith(".")
+
+
+def _name_or_path(folder: Path) -> str | None:
+    try:
+        value = json.loads((folder / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def public(value: str) -> str:
+    """A command-line value as a published card may show it: a local path becomes its bare name."""
+    path = Path(value).expanduser()
+    if value.startswith(("/", "~", ".")) or path.is_absolute() or path.exists():
+        return Path(value.rstrip("/")).name or value
+    return value
+
+
+def reproduce_command(recipe: dict) -> str:
+    """The ``llmprune`` command that reproduces a prune recipe, local paths shown by their names only."""
+    try:
+        cfg = PruneConfig.from_dict(recipe["config"])
+    except Exception:  # a recipe of another version whose options this one no longer accepts
+        return recipe.get("command") or ""
+    return shlex.join(["llmprune", *cfg.cli_args(public)])
 
 
 def input_card_metadata(folder: Path) -> dict:
@@ -64,7 +101,7 @@ def _eval_section(recipe: dict) -> list[str]:
     return [
         "## Perplexity",
         "",
-        f"On `{ev['data']}`, {ev['windows']} windows of {ev['seqlen']} tokens (lower is better):",
+        f"On `{public(ev['data'])}`, {ev['windows']} windows of {ev['seqlen']} tokens (lower is better):",
         "",
         "| model | perplexity |",
         "|---|---:|",
@@ -86,7 +123,7 @@ def finetune_section(recipe: dict) -> list[str]:
         "## Fine-tune",
         "",
         f"{ft['mode']} mode, {ft['config']['steps']} steps{' per layer' if ft['mode'] == 'blockwise' else ''} on "
-        f"{ft['data']} ({ft['windows']} windows of {ft['seqlen']} tokens), {ft['config']['optim']}, "
+        f"{public(str(ft['data']))} ({ft['windows']} windows of {ft['seqlen']} tokens), {ft['config']['optim']}, "
         f"lr {ft['config']['lr']}; every pruned weight stayed exactly zero "
         f"({recipe['sparsity']['overall']:.4%} of the pruned matrices).",
     ]
@@ -94,7 +131,7 @@ def finetune_section(recipe: dict) -> list[str]:
         lines.append(f"Training loss {loss['start_mean']:.4f} -> {loss['end_mean']:.4f}.")
     if "eval" in ft:
         ev = ft["eval"]
-        lines.append(f"Perplexity on {ev['data']} ({ev['windows']} x {ev['seqlen']} tokens): "
+        lines.append(f"Perplexity on {public(str(ev['data']))} ({ev['windows']} x {ev['seqlen']} tokens): "
                      f"{ev['before']['perplexity']:.3f} -> {ev['after']['perplexity']:.3f}.")
     return [*lines, ""]
 
@@ -178,8 +215,8 @@ def model_card(recipe: dict, base_model: str | None, input_meta: dict) -> str:
         meta["tags"].append(sparse.FORMAT)
     front = yaml.safe_dump(meta, sort_keys=False).strip()
     overall = recipe["sparsity"]["overall"]
-    source = base_model or recipe["input"]["model"]
-    link = f"[{source}]({'https://huggingface.co/' + source if base_model else source})"
+    source = base_model or public(recipe["input"]["model"])
+    link = f"[{source}](https://huggingface.co/{source})" if base_model else f"`{source}`"
     lines = [
         f"---\n{front}\n---",
         *_intro(recipe, source, link, overall),
@@ -195,10 +232,10 @@ def model_card(recipe: dict, base_model: str | None, input_meta: dict) -> str:
         if key == "norm" and cfg.get("pattern") == "experts":  # experts are ranked on calibration data only
             continue
         if cfg.get(key) is not None:
-            lines.append(f"| {key} | {cfg[key]} |")
+            lines.append(f"| {key} | {public(str(cfg[key])) if key == 'ratios' else cfg[key]} |")
     if "calibration" in recipe:
         c = recipe["calibration"]
-        lines.append(f"| calibration | {c['nsamples']} x {c['seqlen']} tokens of {c['data']}, seed {c['seed']} |")
+        lines.append(f"| calibration | {c['nsamples']} x {c['seqlen']} tokens of {public(c['data'])}, seed {c['seed']} |")
     lines += [
         f"| matrices pruned | {recipe['sparsity']['matrices_pruned']} |",
         f"| overall sparsity (pruned matrices) | {overall:.4%} |",
@@ -213,7 +250,7 @@ def model_card(recipe: dict, base_model: str | None, input_meta: dict) -> str:
         "## Reproduce",
         "",
         "```",
-        recipe.get("command") or "",
+        reproduce_command(recipe),
         "```",
         "",
         f"llmprune {recipe['versions']['llmprune']}, torch {recipe['versions']['torch']}, "

@@ -69,9 +69,11 @@ def resolve(model: str, revision: str | None = None, weights: bool = True) -> tu
     except RepositoryNotFoundError:
         raise LlmpruneError(f"model {model!r} not found: no such folder, and no such repo on the Hub") from None
     except LocalEntryNotFoundError:
-        raise LlmpruneError(
-            f"model {model!r} is neither a local folder nor in the Hugging Face cache, and the Hub is unreachable"
-        ) from None
+        from huggingface_hub import constants
+
+        why = ("offline mode (HF_HUB_OFFLINE=1) forbids downloading it" if constants.HF_HUB_OFFLINE
+               else "the Hub is unreachable")
+        raise LlmpruneError(f"model {model!r} is neither a local folder nor in the Hugging Face cache, and {why}") from None
     except (HfHubHTTPError, OSError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LlmpruneError(f"cannot fetch {model!r} from the Hub: {reason}") from None

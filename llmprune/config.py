@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -18,6 +19,24 @@ from .sparse import SAVE_FORMATS
 EXPERT_SCORES = ("reap", "frequency")  # --pattern experts ranks experts by these, not by a criterion
 
 
+LATER_OPTIONS = ("tokenizer",)
+PATH_OPTIONS = ("ratios", "calib_data", "eval", "tokenizer", "data", "dense")  # values that may name local files
+# The fine-tune's training options, which the prune command takes prefixed --finetune-
+FINETUNE_TRAINING = ("steps", "mode", "data", "nsamples", "seqlen", "batch_size", "grad_accum", "lr", "warmup",
+                     "weight_decay", "max_grad_norm", "optim", "train_norms", "gradient_checkpointing", "precision",
+                     "dense", "targets", "distributed", "loss", "temperature", "seed")
+
+
+def _flag(name: str, value: object, path: Callable[[str], str]) -> list[str]:
+    """``--name value`` (or ``--name`` for a set switch) as the command line spells option ``name``."""
+    flag = "--" + name.replace("_", "-")
+    if value is True:
+        return [flag]
+    if isinstance(value, (tuple, list)):
+        value = ",".join(map(str, value))
+    return [flag, path(str(value))]
+
+
 class Options:
     """What every config shares: the dict form stored in llmprune.json and the output dtype."""
     dtype: str | None
@@ -27,7 +46,13 @@ class Options:
         return DTYPES[self.dtype] if self.dtype else None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        # Options added after llmprune.json's format was fixed are recorded only when set, so a run
+        # that does not use them keeps its bytes and its resume key.
+        for name in LATER_OPTIONS:
+            if out.get(name, 0) is None:
+                del out[name]
+        return out
 
     def check_ints(self, minimums: dict[str, int], optional: tuple[str, ...] = ()) -> None:
         """Each named option an int >= its minimum (None allowed for those in ``optional``)."""
@@ -46,6 +71,31 @@ class Options:
         parse_budget(self.max_memory)
         if self.device != "auto" and not self.device.startswith(("cpu", "cuda", "mps", "xpu")):
             raise LlmpruneError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+    # option name -> its command-line flag where they differ; options the command line does not repeat
+    FLAGS: dict[str, str] = {}
+    NOT_REPEATED = ("overwrite", "resume")
+
+    def cli_args(self, path: Callable[[str], str] = str) -> list[str]:
+        """The arguments of the command that runs this config (options left at their defaults
+        omitted); ``path`` maps each value that may be a local path (the model, the output, data,
+        rules, tokenizer), e.g. to hide it in a published card."""
+        args = [path(self.model)]
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "model" or f.name in self.NOT_REPEATED or value == f.default or self._implied(f.name):
+                continue
+            if f.name == "output":
+                args += ["-o", path(value)]
+            elif value is False:  # a switch on by default
+                args.append("--no-" + self.FLAGS.get(f.name, f.name).replace("_", "-"))
+            else:
+                args += _flag(self.FLAGS.get(f.name, f.name), value, path if f.name in PATH_OPTIONS else str)
+        return args
+
+    def _implied(self, name: str) -> bool:
+        """Whether option ``name`` follows from the others (not repeated on the command line)."""
+        return False
 
     @classmethod
     def from_dict(cls, data: dict):
@@ -95,6 +145,7 @@ class PruneConfig(Options):
     resume: bool = False  # require an interrupted run of the same options to continue (it is continued anyway)
     max_memory: str | None = None  # e.g. "cpu=8GB,cuda=20GB" or "20GB" (the execution device)
     stream_from_hub: bool = False  # download a Hub model's shards one at a time, deleting each once read
+    tokenizer: str | None = None  # folder, Hub id or packaged name of the tokenizer (default: the model's)
 
     def __post_init__(self) -> None:
         if isinstance(self.finetune, dict):
@@ -133,7 +184,11 @@ class PruneConfig(Options):
             raise LlmpruneError("--ratios owl needs unstructured pruning: N:M fixes the sparsity of every group")
         if self.ratios == "owl" and self.schedule:
             raise LlmpruneError("--ratios owl and --schedule both set per-layer ratios: choose one")
-        self.check_ints({"nsamples": 1, "seqlen": 2, "eval_seqlen": 2, "eval_max_windows": 1}, ("eval_max_windows",))
+        if pattern.kind != "experts":
+            criteria.get(self.method)
+        # magnitude pruning reads no calibration text: --nsamples 0 says so
+        self.check_ints({"nsamples": 1 if self.uses_calibration else 0, "seqlen": 2, "eval_seqlen": 2,
+                         "eval_max_windows": 1}, ("eval_max_windows",))
         if not self.owl_m > 0 or not 0 <= self.owl_lambda < 0.5:
             raise LlmpruneError("--owl-m must be > 0 and --owl-lambda in [0, 0.5)")
         self.check_placement()
@@ -145,9 +200,6 @@ class PruneConfig(Options):
         if self.save_format != "dense" and self.finetune is not None and self.finetune.steps > 0:
             raise LlmpruneError(f"--save-format {self.save_format} cannot be combined with --finetune-steps yet: "
                                 "the fine-tune writes a dense model")
-
-        if pattern.kind != "experts":
-            criteria.get(self.method)
 
     @property
     def parsed_pattern(self) -> Pattern:
@@ -165,6 +217,30 @@ class PruneConfig(Options):
         kinds = self.parsed_pattern.kinds
         return kinds if kinds or self.target_params is None else TARGET_KINDS
 
+    NOT_REPEATED = ("overwrite", "resume", "finetune")
+
+    def _implied(self, name: str) -> bool:
+        return name == "sparsity" and self.parsed_pattern.kind == "nm"
+
+    def cli_args(self, path: Callable[[str], str] = str) -> list[str]:
+        """``Options.cli_args``, with the fine-tune's options prefixed --finetune-."""
+        args = super().cli_args(path)
+        if self.finetune is not None and self.finetune.steps > 0:
+            defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+            for name in FINETUNE_TRAINING:
+                value = getattr(self.finetune, name)
+                if name == "steps" or value != defaults[name]:
+                    args += _flag(f"finetune_{name}", value, path if name in PATH_OPTIONS else str)
+        return args
+
+    @property
+    def uses_calibration(self) -> bool:
+        """Whether the run reads calibration text: a calibrated criterion, OWL ratios or dropped layers."""
+        if self.method in EXPERT_SCORES:
+            return True
+        return (criteria.get(self.method).needs_calibration or self.ratios == "owl"
+                or "layers" in self.parsed_pattern.kinds)
+
 
 @dataclass(frozen=True)
 class EvalConfig(Options):
@@ -181,6 +257,9 @@ class EvalConfig(Options):
     tasks: tuple[str, ...] = ()  # zero-shot tasks for lm-evaluation-harness, e.g. ("hellaswag", "arc_easy")
     json_path: str | None = None  # where the JSON report goes
     max_memory: str | None = None  # e.g. "20GB" (the device) or "cpu=8GB,cuda=20GB"
+    tokenizer: str | None = None  # folder, Hub id or packaged name of the tokenizer (default: the model's)
+
+    FLAGS = {"json_path": "json"}
 
     def __post_init__(self) -> None:
         if isinstance(self.tasks, str):

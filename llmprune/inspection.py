@@ -145,7 +145,7 @@ def inspect(model: str, revision: str | None = None, n_m: str | tuple[str, ...] 
         per_layer = group_names(checkpoint, layout)[1]
         for index in track(range(layout.num_layers), "inspect", "layer", enabled=progress):
             for linear, name in layout.linear_names(index):
-                if name in checkpoint.location:
+                if name in checkpoint:  # stored dense, or compressed (read back dense)
                     matrices.append(matrix_report(checkpoint.read(name), name, linear, index, patterns))
             matrices += expert_reports(layout, index, {n: checkpoint.read(n) for n in per_layer[index]}
                                        if layout.expert_matrices(index) else {}, patterns)

@@ -17,6 +17,7 @@ import torch
 from transformers import GenerationConfig, PretrainedConfig
 
 from . import sparse
+from .claims import OutputClaim
 from .errors import LlmpruneError
 from .shards import ShardWriter, SparseShardWriter
 
@@ -48,18 +49,33 @@ def make_temp_dir(output: Path) -> Path:
 
 
 @contextmanager
-def temp_output(output: Path) -> Iterator[Path]:
+def temp_output(output: Path, overwrite: bool = False) -> Iterator[Path]:
     """A hidden temporary sibling of ``output`` to write into, renamed to ``output`` when the block
-    succeeds and removed whatever happens; write failures become one-line errors."""
-    tmp = make_temp_dir(output)
+    succeeds and removed whatever happens; write failures become one-line errors. The output is
+    claimed for the whole block (``OutputClaim``), and a finished output that appeared since the
+    run's first check is not replaced without ``overwrite``."""
     try:
-        yield tmp
-        replace_folder(tmp, output)
+        output.resolve().parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise LlmpruneError(f"writing {output} failed: {err.strerror or err}") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        raise LlmpruneError(f"cannot write output {output}: {err.strerror}") from None
+    with OutputClaim(output):
+        check_unfinished(output, overwrite)
+        tmp = make_temp_dir(output)
+        try:
+            yield tmp
+            replace_folder(tmp, output)
+        except OSError as err:
+            raise LlmpruneError(f"writing {output} failed: {err.strerror or err}") from None
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_unfinished(output: Path, overwrite: bool) -> None:
+    """Refuse to go on towards a non-empty ``output`` without ``overwrite`` (checked under the claim)."""
+    out = output.resolve()
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise LlmpruneError(f"output {output} exists and is not empty (use --overwrite to replace it)")
 
 
 @contextmanager

@@ -103,16 +103,18 @@ def load_windows(model: str | os.PathLike, data: str = "auto", seqlen: int = 204
 
 
 def source_windows(source: Source, data: str = "auto", seqlen: int = 2048,
-                   max_windows: int | None = None) -> torch.LongTensor:
-    """``load_windows`` for an input already open (its tokenizer loaded once for the whole run)."""
+                   max_windows: int | None = None, option: str = "--data") -> torch.LongTensor:
+    """``load_windows`` for an input already open (its tokenizer loaded once for the whole run), its
+    token ids checked against the model's vocabulary; ``option`` names the data in error messages."""
     check_seqlen(source.layout.config, seqlen)
-    return _tokenised_windows(source.tokenizer(), data, seqlen, max_windows)
+    windows = _tokenised_windows(source.tokenizer(), data, seqlen, max_windows, option)
+    return check_windows(windows, getattr(source.layout.config, "vocab_size", None))
 
 
 def _tokenised_windows(tokenizer: PreTrainedTokenizerBase, data: str, seqlen: int,
-                       max_windows: int | None) -> torch.LongTensor:
+                       max_windows: int | None, option: str = "--data") -> torch.LongTensor:
     log.info("tokenising the %s evaluation split", data)
-    return data_sources.eval_windows(tokenizer, data, seqlen, max_windows)
+    return data_sources.eval_windows(tokenizer, data, seqlen, max_windows, option)
 
 
 def check_seqlen(config: PretrainedConfig, seqlen: int) -> None:
@@ -130,9 +132,7 @@ def check_windows(windows: torch.Tensor, vocab_size: int | None) -> torch.Tensor
         raise LlmpruneError(f"windows must be an (n, seqlen) tensor, n >= 1, seqlen >= 2; got {tuple(windows.shape)}")
     if windows.dtype.is_floating_point or windows.dtype == torch.bool:
         raise LlmpruneError(f"windows must hold integer token ids, got {windows.dtype}")
-    low, top = int(windows.min()), int(windows.max())
-    if vocab_size is not None and (top >= vocab_size or low < 0):
-        raise LlmpruneError(f"token ids must lie in [0, {vocab_size}), the model's vocabulary; got [{low}, {top}]")
+    data_sources.check_token_ids(windows, vocab_size)
     return windows.to("cpu", torch.long)
 
 
@@ -181,13 +181,15 @@ def auto_batch_size(device: torch.device, seqlen: int, vocab_size: int) -> int:
 def evaluate(model: str | os.PathLike | torch.nn.Module, data: str = "auto", seqlen: int = 2048, *,
              windows: torch.Tensor | None = None, max_windows: int | None = None, batch_size: int | None = None,
              device: str = "auto", dtype: str | torch.dtype | None = None, stream: bool | None = None,
-             revision: str | None = None, progress: bool = True, max_memory: str | None = None) -> EvalResult:
+             revision: str | None = None, progress: bool = True, max_memory: str | None = None,
+             tokenizer: str | None = None) -> EvalResult:
     """Perplexity of ``model`` (a folder, Hub id, ``packaged:smollm2``, or a loaded ``PreTrainedModel``).
 
     ``windows``: precomputed (n, T) token ids (from ``load_windows``); ``data``, ``seqlen`` and
     ``max_windows`` then only label the result. ``stream``: True / False forces the mode, None
     chooses it from free memory, capped by ``max_memory`` (e.g. "20GB" or "cpu=8GB,cuda=20GB").
-    ``dtype`` None: float32 on CPU, 16-bit on GPU (``default_dtype``).
+    ``dtype`` None: float32 on CPU, 16-bit on GPU (``default_dtype``). ``tokenizer``: a folder, Hub id
+    or packaged name to tokenise ``data`` with, for a model folder without a tokenizer.
     """
     if isinstance(model, torch.nn.Module):
         return _evaluate_loaded(model, data, seqlen, windows, max_windows, batch_size, progress)
@@ -195,7 +197,7 @@ def evaluate(model: str | os.PathLike | torch.nn.Module, data: str = "auto", seq
     start = time.perf_counter()
     if windows is None:
         data = data_sources.resolve_source(data)  # a bad name fails before any loading; "auto" is decided
-    source = open_source(str(model), revision)
+    source = open_source(str(model), revision, tokenizer=tokenizer)
     try:
         config = source.layout.text_config
         if windows is None:
@@ -360,7 +362,7 @@ def run(cfg: EvalConfig, command: str | None = None, progress: bool = True) -> E
         require_lm_eval()  # fail before the long perplexity run, not after
     result = evaluate(cfg.model, cfg.data, cfg.seqlen, max_windows=cfg.max_windows, batch_size=cfg.batch_size,
                       device=cfg.device, dtype=cfg.dtype, stream=cfg.stream, revision=cfg.revision, progress=progress,
-                      max_memory=cfg.max_memory)
+                      max_memory=cfg.max_memory, tokenizer=cfg.tokenizer)
     if cfg.tasks:
         result.tasks = run_tasks(model_folder(cfg.model, cfg.revision), cfg.tasks, torch.device(result.device),
                                  DTYPES[result.dtype], result.batch_size)

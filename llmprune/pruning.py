@@ -85,9 +85,11 @@ def plan_step(cfg: PruneConfig, source: Source, device: torch.device, targets: d
         recipe.calibration = calibration_section(cfg, shrink.calibration)
         if journal.before.mix is None:
             journal.remember(mix=shrink.decision())
-        return Plan(shrink, shrink.acts, targets, shrink)
+        return Plan(shrink, shrink.acts, shrunk_targets(shrink, source, targets), shrink)
     before = journal.before.influence  # a resumed layers or hidden run keeps its first pass's scores
     shrink = structured.plan(cfg, source, device, progress, before and before["scores"], calib_ids)
+    if shrink.kind not in ("layers", "experts"):
+        targets = shrunk_targets(shrink, source, targets)
     recipe.calibration = before["calibration"] if before is not None else calibration_section(cfg, shrink.calibration)
     if shrink.influence is not None and before is None:
         journal.remember(influence={"scores": shrink.influence, "calibration": recipe.calibration})
@@ -96,6 +98,18 @@ def plan_step(cfg: PruneConfig, source: Source, device: torch.device, targets: d
         experts = {e.name for i in range(layout.num_layers) for e in layout.expert_matrices(i)}
         targets = {name: target if name in experts else 0.0 for name, target in targets.items()}
     return Plan(shrink, shrink.acts, targets, shrink)
+
+
+def shrunk_targets(shrink: structured.Shrink, source: Source, targets: dict[str, float]) -> dict[str, float]:
+    """Only the matrices whose units go have a target; the others keep every weight (0.0)."""
+    return {name: target if shrinks(shrink, source, name) else 0.0 for name, target in targets.items()}
+
+
+def shrinks(shrink: structured.Shrink, source: Source, name: str) -> bool:
+    """Whether the structured step removes part of matrix ``name``."""
+    spec = source.checkpoint.spec(name)
+    out = shrink.spec(spec)
+    return out is None or out.shape != spec.shape
 
 
 def calibration_section(cfg: PruneConfig, windows: tuple[int, int] | None) -> dict | None:
@@ -146,14 +160,14 @@ def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True,
     An interrupted run of the same options beside the output is continued (see ``resume``).
     """
     start = time.perf_counter()
-    source = open_source(cfg.model, cfg.revision, cfg.stream_from_hub)
+    source = open_source(cfg.model, cfg.revision, cfg.stream_from_hub, cfg.tokenizer)
     output = Path(cfg.output) if cfg.output else default_output(cfg.model, output_label(cfg))
     check_output(output, source.folder, cfg.overwrite)
     check_supported(cfg, source)
     targets = plan_sparsity(cfg, source)
     device = resolve_device(cfg.device)
     journal = resume.open_partial(output, resume.run_key(cfg.to_dict(), source.checkpoint.fingerprint(), versions()),
-                                  cfg.resume)
+                                  cfg.resume, cfg.overwrite)
     tmp, keep, recipe = journal.folder, False, Recipe()
     try:
         windows = evaluation_windows(cfg, source, journal, recipe, progress)
@@ -186,6 +200,7 @@ def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True,
         source.checkpoint.close()
         if not keep and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        journal.release()
     log.info("wrote %s", output)
     return {**recipe.to_dict(), "output": str(output)}
 
@@ -218,7 +233,7 @@ def evaluation_windows(cfg: PruneConfig, source: Source, journal: resume.Journal
     """With --eval: the evaluation windows, and the input's perplexity on them in ``recipe.eval``."""
     if not cfg.eval:
         return None
-    windows = source_windows(source, cfg.eval, cfg.eval_seqlen, cfg.eval_max_windows)
+    windows = source_windows(source, cfg.eval, cfg.eval_seqlen, cfg.eval_max_windows, option="--eval")
     if journal.before.eval_dense is None:
         journal.remember(eval_dense=perplexity(source.folder, windows, cfg, progress))
     recipe.eval = {"data": cfg.eval, "seqlen": windows.shape[1], "windows": windows.shape[0],
@@ -237,6 +252,8 @@ def write_model(tmp: Path, cfg: PruneConfig, source: Source, plan: Plan, journal
     stream_into(tmp, cfg, source, plan.step, plan.acts, journal, device, progress, specs, compressed,
                 output_name=plan.shrink and plan.shrink.output_name)
     copy_aux_files(source.folder, tmp, source.layout.config, cfg.torch_dtype, list(compressed))
+    if cfg.tokenizer is not None:  # the output carries the tokenizer it was calibrated with
+        source.tokenizer().save_pretrained(str(tmp))
     if plan.shrink is not None:
         plan.shrink.write_config(tmp)
     return specs

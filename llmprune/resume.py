@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
+from .claims import OutputClaim
 from .errors import LlmpruneError
 from .faults import fault_point
 from .shards import ShardWriter, SparseShardWriter
@@ -105,6 +106,7 @@ class Journal:
     steps: dict = field(default_factory=dict)  # str(layer) -> what the step decided there (structured units)
     writer: dict | None = None  # the state of a writer that appends (compressed output) after the last layer
     _lock: int | None = field(default=None, repr=False)
+    claim: OutputClaim | None = field(default=None, repr=False)  # the output's, held until ``release``
 
     @property
     def state_dir(self) -> Path:
@@ -131,11 +133,20 @@ class Journal:
             raise LlmpruneError(f"another llmprune run is writing {self.folder}") from None
 
     def finish(self) -> None:
-        """Drop the journal before the folder becomes the output."""
+        """Drop the journal before the folder becomes the output (the output's claim stays held)."""
         shutil.rmtree(self.state_dir, ignore_errors=True)
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
+
+    def release(self) -> None:
+        """Let go of the output once the run has finished or failed (killed, the kernel does it)."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+        if self.claim is not None:
+            self.claim.release()
+            self.claim = None
 
     def verify(self, writer: ShardWriter | SparseShardWriter, layer_names: list[str]) -> None:
         """The last completed layer's tensors must still be what the journal recorded."""
@@ -194,8 +205,32 @@ class Journal:
         return capture
 
 
-def open_partial(output: Path, key: str, require: bool) -> Journal:
-    """The journal of an interrupted run of the same options, or a fresh one in a new folder."""
+def open_partial(output: Path, key: str, require: bool, overwrite: bool | None = None) -> Journal:
+    """The journal of an interrupted run of the same options, or a fresh one in a new folder.
+
+    The output is claimed first (``claims.OutputClaim``): a second run writing it is refused while
+    this one lives. With ``overwrite`` False a finished output found under the claim is refused too
+    (it may have appeared since the caller's first check). The claim goes with ``Journal.release``.
+    """
+    try:
+        output.resolve().parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LlmpruneError(f"cannot write output {output}: {err.strerror}") from None
+    claim = OutputClaim(output)
+    try:
+        if overwrite is False:
+            out = output.resolve()
+            if out.is_dir() and any(out.iterdir()):
+                raise LlmpruneError(f"output {output} exists and is not empty (use --overwrite to replace it)")
+        journal = _open_partial(output, key, require)
+    except BaseException:
+        claim.release()
+        raise
+    journal.claim = claim
+    return journal
+
+
+def _open_partial(output: Path, key: str, require: bool) -> Journal:
     folder = partial_folder(output, key)
     others = [p for p in output.resolve().parent.glob(f".{output.resolve().name}.partial-*")
               if p != folder and (p / STATE / "journal.json").is_file()]

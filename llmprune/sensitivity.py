@@ -33,6 +33,7 @@ from torch import nn
 from . import criteria, plots, ratios
 from .arch import Layout, Linear, as_out_in, find_layers
 from .calibrate import _hooks, calibration, calibration_ids, collect_stats
+from .card import public
 from .config import SensitivityConfig
 from .data import resolve_source
 from .devices import resolve_device
@@ -195,13 +196,13 @@ def sensitivity(cfg: SensitivityConfig, command: str | None = None, progress: bo
               "layers": [{"layer": i, "damage": {f"{s:g}": d for s, d in row.items()}, "sparsity": allocation[i],
                           "rule": layer_rule(source.layout, i)} for i, row in enumerate(damage)],
               "ratio_file": RATIO_FILE, "versions": versions()}
-    with temp_output(output) as tmp:
+    with temp_output(output, cfg.overwrite) as tmp:
         (tmp / RATIO_FILE).write_text(ratio_file(cfg, source.layout, allocation))
         (tmp / "sensitivity.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "sensitivity.md").write_text(markdown(report))
         label = "relative output error" if cfg.metric == "recon" else "perplexity"
         plots.sensitivity_lines(damage, allocation, label, tmp / "sensitivity.png",
-                                f"{cfg.model}: {cfg.method}, one layer pruned at a time")
+                                f"{public(cfg.model)}: {cfg.method}, one layer pruned at a time")
     report["output"] = str(output)
     return report
 

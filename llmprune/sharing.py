@@ -87,7 +87,7 @@ def decompress(folder: Path, output: Path, overwrite: bool = False, max_shard_si
     checkpoint = Checkpoint(folder)
     specs = [checkpoint.spec(name) for name in checkpoint.names]
     try:
-        with temp_output(output) as tmp:
+        with temp_output(output, overwrite) as tmp:
             writer = ShardWriter(tmp, specs, parse_size(max_shard_size))
             with closing_on_error(writer):
                 for name in tqdm(checkpoint.names, desc="decompress", unit="tensor", disable=not progress):

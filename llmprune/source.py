@@ -39,20 +39,23 @@ class Source:
     info: dict
     checkpoint: Checkpoint
     layout: Layout
+    tokenizer_from: str | None = None  # a folder, Hub id or packaged name whose tokenizer replaces the folder's
     _tokenizer: PreTrainedTokenizerBase | None = field(default=None, repr=False)
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        """The model's tokenizer, loaded on first use and kept: a run tokenises calibration and
-        evaluation text with one instance."""
+        """The model's tokenizer (or ``tokenizer_from``'s), loaded on first use and kept: a run
+        tokenises calibration and evaluation text with one instance."""
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.folder)
+            self._tokenizer = load_tokenizer(self.folder, self.tokenizer_from)
         return self._tokenizer
 
 
-def open_source(model: str, revision: str | None = None, stream_from_hub: bool = False) -> Source:
+def open_source(model: str, revision: str | None = None, stream_from_hub: bool = False,
+                tokenizer: str | None = None) -> Source:
     """Resolve ``model`` and discover its structure; every failure is a one-line error.
 
     ``stream_from_hub``: a Hub id's shards are downloaded one at a time as they are read.
+    ``tokenizer``: a folder, Hub id or packaged name to take the tokenizer from (for a folder without one).
     """
 
     packaged = resolve_packaged(model)
@@ -74,7 +77,7 @@ def open_source(model: str, revision: str | None = None, stream_from_hub: bool =
     if outside:
         log.info("%s: outside the language model, never pruned",
                  ", ".join(f"{name} ({count:,} parameters)" for name, count in outside.items()))
-    return Source(folder, info, checkpoint, layout)
+    return Source(folder, info, checkpoint, layout, tokenizer)
 
 
 def fused_experts(source: Source) -> int:
@@ -185,13 +188,27 @@ def model_folder(model: str, revision: str | None = None) -> Path:
     return resolve_packaged(model) or resolve(model, revision)[0]
 
 
-def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+# Files one of which every tokenizer transformers loads is saved with
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model",
+                   "vocab.txt")
+NO_TOKENIZER = "{} has no tokenizer (none of tokenizer.json, tokenizer.model, vocab.json): pass --tokenizer PATH_OR_ID"
+
+
+def load_tokenizer(folder: Path, tokenizer_from: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of ``folder``, or of ``tokenizer_from`` (a folder, Hub id or packaged name) when given."""
     from transformers import AutoTokenizer
 
+    if tokenizer_from is not None:
+        where = str(model_folder(tokenizer_from))
+    elif not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise LlmpruneError(NO_TOKENIZER.format(folder))
+    else:
+        where = str(folder)
     try:
-        return AutoTokenizer.from_pretrained(str(folder))
+        return AutoTokenizer.from_pretrained(where)
     except Exception as err:  # missing files, bad JSON, unknown class: all mean "no usable tokenizer"
-        raise LlmpruneError(f"cannot load a tokenizer from {folder}: {one_line(err)}") from None
+        hint = "" if tokenizer_from is not None else "; pass --tokenizer PATH_OR_ID"
+        raise LlmpruneError(f"cannot load a tokenizer from {where}: {one_line(err)}{hint}") from None
 
 
 def stored_dtype(source: Source) -> torch.dtype:

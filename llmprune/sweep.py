@@ -24,6 +24,7 @@ import torch
 
 from . import criteria, plots
 from .calibrate import calibration_ids
+from .card import public
 from .config import SweepConfig
 from .data import resolve_source
 from .output import check_output, default_output, temp_output
@@ -74,7 +75,7 @@ def sweep(cfg: SweepConfig, command: str | None = None, progress: bool = True) -
     windows = load_windows(source.folder, data, cfg.eval_seqlen, cfg.eval_max_windows)
     dense = evaluate(str(source.folder), data, windows=windows, device=cfg.device, progress=progress)
     calib = shared_calibration(cfg, source)
-    with temp_output(output) as tmp:
+    with temp_output(output, cfg.overwrite) as tmp:
         points = []
         grid = [(m, s) for m in cfg.methods for s in cfg.sparsities]
         for method, sparsity in track(grid, "sweep", "point", enabled=progress):
@@ -105,7 +106,7 @@ def write_outputs(report: dict, folder: Path) -> None:
     (folder / "sweep.md").write_text(markdown(report))
     pattern = report["config"]["pattern"]
     plots.sweep_lines(report["points"], report["dense"]["perplexity"], folder / "sweep.png",
-                      f"{report['model']} ({pattern}): perplexity on {report['eval']['data']}")
+                      f"{public(report['model'])} ({pattern}): perplexity on {public(report['eval']['data'])}")
 
 
 def markdown(report: dict) -> str:

@@ -122,7 +122,8 @@ def test_calibration_text_too_short(tiny_with_tokenizer, capsys, tmp_path):
 def test_calibration_without_a_tokenizer(src, capsys, tmp_path):
     """A folder with weights but no tokenizer: one line naming the folder, exit 2 (was a multi-line error)."""
     expect_error(capsys, tmp_path, [src, "--method", "wanda", "--sparsity", "0.5", "--seqlen", "32", "--nsamples", "2"],
-                 f"cannot load a tokenizer from {src}")
+                 f"{src} has no tokenizer (none of tokenizer.json, tokenizer.model, vocab.json): pass --tokenizer "
+                 "PATH_OR_ID")
 
 
 def test_evaluation_text_too_short(tiny_with_tokenizer, capsys, tmp_path):

@@ -84,6 +84,7 @@ def prune_parser() -> argparse.ArgumentParser:
     add_log_format(p)
     c = p.add_argument_group("calibration (wanda, sparsegpt, --ratios owl)")
     add_calibration_options(c)
+    add_tokenizer_option(c)
     c.add_argument("--true-sequential", action="store_true", help="prune a layer's linears group by group in execution order")
     c.add_argument("--moe-calibration", default="routed", choices=["routed", "all"],
                    help="statistics of each routed expert from the tokens the router sends it (routed, default), "
@@ -108,6 +109,12 @@ def add_calibration_options(group) -> None:
     group.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
 
 
+def add_tokenizer_option(group) -> None:
+    group.add_argument("--tokenizer", metavar="PATH_OR_ID",
+                       help="tokenize text with this folder's, Hub id's or packaged model's tokenizer (for a model "
+                            "folder without one)")
+
+
 def add_eval_window_options(group) -> None:
     group.add_argument("--eval-seqlen", type=int, default=2048, help="evaluation window length (default 2048)")
     group.add_argument("--eval-max-windows", type=int, help="evaluate only the first N windows")
@@ -130,7 +137,7 @@ def run_prune(argv: list[str]) -> int:
         true_sequential=args.true_sequential, moe_calibration=args.moe_calibration, reconstruct=args.reconstruct, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
         eval=args.eval, eval_seqlen=args.eval_seqlen, eval_max_windows=args.eval_max_windows,
         finetune=FinetuneConfig(model="", **finetune_options(args, "finetune-")) if args.finetune_steps else None,
-        resume=args.resume, max_memory=args.max_memory, stream_from_hub=args.stream_from_hub,
+        resume=args.resume, max_memory=args.max_memory, stream_from_hub=args.stream_from_hub, tokenizer=args.tokenizer,
     )
     recipe = prune(cfg, command=shlex.join(["llmprune", *argv]), progress=not args.quiet)
     report(summary(recipe), summary_data(recipe), args.quiet)
@@ -174,6 +181,7 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-memory", help="memory budget, e.g. 8GB (the device) or cpu=8GB,cuda=20GB")
     p.add_argument("--tasks", help="zero-shot tasks through lm-evaluation-harness, e.g. hellaswag,arc_easy")
     p.add_argument("--json", help="write the result as JSON to this file")
+    add_tokenizer_option(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars; print only the perplexity")
     add_log_format(p)
     return p
@@ -187,6 +195,7 @@ def run_eval(argv: list[str]) -> int:
         model=args.model, data=args.data, seqlen=args.seqlen, max_windows=args.max_windows,
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, stream=args.stream,
         revision=args.revision, tasks=args.tasks or (), json_path=args.json, max_memory=args.max_memory,
+        tokenizer=args.tokenizer,
     )
     result = evaluate(cfg, command=shlex.join(["llmprune", "eval", *argv]), progress=not args.quiet)
     if args.quiet and args.log_format == "text":
