@@ -126,9 +126,6 @@ class PruneConfig(Options):
         if self.save_format != "dense" and Pattern.parse(self.pattern).structured:
             raise LlmpruneError(f"--pattern {self.pattern} writes a smaller dense model: --save-format "
                                 f"{self.save_format} has no zeros to compress there")
-        if self.save_format != "dense" and self.finetune is not None and self.finetune.steps > 0:
-            raise LlmpruneError(f"--save-format {self.save_format} cannot be combined with --finetune-steps yet: "
-                                "the fine-tune writes a dense model")
 
         criteria.get(self.method)
 

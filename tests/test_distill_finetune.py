@@ -240,6 +240,20 @@ def test_sparse_bitmask_input_stays_sparse_bitmask(tiny_with_tokenizer, calib_te
     assert_kept(pruned, out)
 
 
+def test_prune_with_finetune_writes_sparse_bitmask(tiny_with_tokenizer, calib_text, tmp_path):
+    dense, out = tmp_path / "dense", tmp_path / "out"
+    assert run_cli(tiny_with_tokenizer, "--sparsity", "0.5", "-o", dense, "-q") == 0
+    assert run_cli(tiny_with_tokenizer, "--sparsity", "0.5", "--save-format", "sparse-bitmask", "--finetune-steps", "2",
+                   "--finetune-loss", "distill", "--finetune-seqlen", "16", "--finetune-batch-size", "2",
+                   "--finetune-nsamples", "2", "--finetune-data", calib_text, "-o", out, "-q") == 0
+    recipe = recipe_of(out)
+    assert recipe["save"]["format"] == "sparse-bitmask" and recipe["finetune"]["mask_changes"] == 0
+    assert recipe["finetune"]["teacher"]["mode"] == "live"
+    assert json.loads((out / "config.json").read_text())["sparsity_config"]["format"] == "sparse-bitmask"
+    assert_kept(dense, out)  # the same zeros as the same prune saved dense, and trained
+    assert "sparse-bitmask" in (out / "README.md").read_text()  # the card says how to load it
+
+
 def test_adamw8bit_distillation_keeps_the_mask(pruned, calib_text, tmp_path):
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "ft"
