@@ -103,6 +103,9 @@ def test_topk_file_covering_the_vocabulary_gives_the_live_loss(pruned, tiny_with
     assert teacher["file_bytes"] == 2 * 16 * (6 * VOCAB + 2) == teacher["estimate_file_bytes"]
     assert teacher["memory_estimate_bytes"] > 0 and teacher["peak_rss_mb"] > 0
     assert runs["live"]["teacher"]["mode"] == "live" and runs["live"]["teacher"]["weights_bytes"] > 0
+    card = (tmp_path / "all" / "README.md").read_text()
+    assert f"top-{VOCAB} distribution precomputed layer by layer" in card
+    assert "the teacher ran beside the student" in (tmp_path / "live" / "README.md").read_text()
     assert_kept(pruned, tmp_path / "all")
 
 
