@@ -113,6 +113,20 @@ def _eval_section(recipe: dict) -> list[str]:
     ]
 
 
+def teacher_text(teacher: dict) -> str:
+    """How a distillation fine-tune's teacher ran, and its memory, in one phrase."""
+    text = f"{teacher['loss']} from {teacher['model']} at temperature {teacher['temperature']}"
+    if teacher.get("hidden_weight"):
+        text += f" + {teacher['hidden_weight']} x hidden-state MSE"
+    if teacher["mode"] == "live":
+        held = teacher.get("weights_bytes", teacher.get("memory_estimate_bytes", 0))
+        return f"{text}; the teacher ran beside the student ({held / 1e9:.2f} GB of weights)"
+    if teacher.get("reused"):
+        return f"{text}; its top-{teacher['k']} distribution read from an earlier precompute"
+    return (f"{text}; its top-{teacher['k']} distribution precomputed layer by layer in {teacher['seconds']} s "
+            f"({teacher['file_bytes'] / 1e6:.1f} MB on disk, peak resident memory {teacher['peak_rss_mb']:.0f} MB)")
+
+
 def finetune_section(recipe: dict) -> list[str]:
     """What the mask-preserving fine-tune did, when there was one."""
     ft = recipe.get("finetune")
@@ -127,6 +141,8 @@ def finetune_section(recipe: dict) -> list[str]:
         f"lr {ft['config']['lr']}; every pruned weight stayed exactly zero "
         f"({recipe['sparsity']['overall']:.4%} of the pruned matrices).",
     ]
+    if "teacher" in ft:
+        lines.append(f"Loss: {teacher_text(ft['teacher'])}.")
     if "first" in loss:
         lines.append(f"Training loss {loss['start_mean']:.4f} -> {loss['end_mean']:.4f}.")
     if "eval" in ft:

@@ -197,9 +197,6 @@ class PruneConfig(Options):
         if self.save_format != "dense" and self.structured:
             raise LlmpruneError(f"--pattern {self.pattern} writes a smaller dense model: --save-format "
                                 f"{self.save_format} has no zeros to compress there")
-        if self.save_format != "dense" and self.finetune is not None and self.finetune.steps > 0:
-            raise LlmpruneError(f"--save-format {self.save_format} cannot be combined with --finetune-steps yet: "
-                                "the fine-tune writes a dense model")
 
     @property
     def parsed_pattern(self) -> Pattern:
@@ -284,6 +281,7 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 PRECISIONS = ("auto", "fp32", "bf16")
 BLOCKWISE_TARGETS = ("dense-layer", "dense-model")
 FINETUNE_LOSSES = ("lm", "distill", "lm+distill")
+TEACHER_MODES = ("auto", "live", "topk")
 DISTRIBUTED = ("ddp", "fsdp")
 
 
@@ -314,6 +312,11 @@ class FinetuneConfig(Options):
     # (distill; the dense model runs beside the student), or their sum
     loss: str = "lm"
     temperature: float = 1.0  # distill: both distributions softened by this temperature (loss scaled by T^2)
+    # distill: where the teacher lives: live (the dense model beside the student), topk (its top-k
+    # next-token distribution precomputed layer by layer to disk), auto (live when both fit in memory)
+    teacher_mode: str = "auto"
+    teacher_topk: int = 100  # topk: tokens kept per position; the rest of the mass is one bucket
+    hidden_weight: float = 0.0  # distill, live teacher: + this x SquareHead's normalised MSE of each layer's output
     seed: int = 0
     device: str = "auto"
     dtype: str | None = None  # output dtype; None keeps the input's
@@ -326,8 +329,9 @@ class FinetuneConfig(Options):
 
     def __post_init__(self) -> None:
         self.check_ints({"steps": 0, "batch_size": 1, "grad_accum": 1, "seqlen": 2, "nsamples": 1, "warmup": 0,
-                         "seed": 0, "eval_seqlen": 2, "eval_max_windows": 1}, ("nsamples", "warmup", "eval_max_windows"))
-        for name in ("lr", "weight_decay", "max_grad_norm", "temperature"):
+                         "seed": 0, "eval_seqlen": 2, "eval_max_windows": 1, "teacher_topk": 1},
+                        ("nsamples", "warmup", "eval_max_windows"))
+        for name in ("lr", "weight_decay", "max_grad_norm", "temperature", "hidden_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise LlmpruneError(f"--{name.replace('_', '-')} must be a number, got {value!r}")
@@ -335,12 +339,20 @@ class FinetuneConfig(Options):
             raise LlmpruneError(f"--lr must be > 0, got {self.lr}")
         if not self.temperature > 0:
             raise LlmpruneError(f"--temperature must be > 0, got {self.temperature}")
-        if self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise LlmpruneError("--weight-decay and --max-grad-norm must be >= 0")
+        if self.weight_decay < 0 or self.max_grad_norm < 0 or self.hidden_weight < 0:
+            raise LlmpruneError("--weight-decay, --max-grad-norm and --hidden-weight must be >= 0")
         for name, choices in (("mode", FINETUNE_MODES), ("optim", OPTIMIZERS), ("precision", PRECISIONS),
-                              ("targets", BLOCKWISE_TARGETS), ("distributed", DISTRIBUTED), ("loss", FINETUNE_LOSSES)):
+                              ("targets", BLOCKWISE_TARGETS), ("distributed", DISTRIBUTED), ("loss", FINETUNE_LOSSES),
+                              ("teacher_mode", TEACHER_MODES)):
             if getattr(self, name) not in choices:
-                raise LlmpruneError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+                raise LlmpruneError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
+                                    f"got {getattr(self, name)!r}")
+        if self.hidden_weight > 0 and self.loss == "lm":
+            raise LlmpruneError("--hidden-weight matches the teacher's hidden states: it needs --loss distill or "
+                                "lm+distill")
+        if self.hidden_weight > 0 and self.teacher_mode == "topk":
+            raise LlmpruneError("--hidden-weight needs the teacher beside the student (--teacher-mode live or auto): "
+                                "the top-k file keeps only next-token distributions")
         self.check_placement()
 
         parse_size(self.max_shard_size)

@@ -120,11 +120,11 @@ def activations_store(device: torch.device, ids: torch.Tensor, hidden: int, targ
     return device if need < ACTIVATIONS_ON_DEVICE_SHARE * torch.cuda.mem_get_info(device)[0] else torch.device("cpu")
 
 
-def training_bytes(source: Source, cfg: FinetuneConfig, seqlen: int) -> int:
+def training_bytes(source: Source, cfg: FinetuneConfig, seqlen: int, teacher: int = 0) -> int:
     """Rough whole-model training memory: float32 weights, gradients and optimiser state of the
-    trained matrices, masks, and per-micro-batch activations and logits."""
-    total = sum(source.checkpoint.spec(n).nbytes // source.checkpoint.spec(n).dtype.itemsize
-                for n in source.checkpoint.names)
+    trained matrices, masks, per-micro-batch activations and logits, and ``teacher`` bytes for a
+    teacher beside the student (``teacher_bytes``)."""
+    total = _numel(source.checkpoint)
     trained = sum(m.numel for m in prunable_matrices(source))
     state = 2 if cfg.optim == "adamw8bit" else 8
     config = source.layout.config.get_text_config()
@@ -132,10 +132,60 @@ def training_bytes(source: Source, cfg: FinetuneConfig, seqlen: int) -> int:
     per_layer = 4 if cfg.gradient_checkpointing else 24  # saved activations per token, in hidden sizes
     acts = tokens * config.hidden_size * 4 * (per_layer * source.layout.num_layers)
     logits = 3 * tokens * config.vocab_size * 4
-    # distillation: the dense teacher in float32 beside the student (its size taken as the student's,
-    # exact for unstructured pruning, low for a structured one) and its logits
-    teacher = 4 * total + tokens * config.vocab_size * 4 if cfg.loss != "lm" else 0
     return 4 * total + (4 + state + 1) * trained + acts + logits + teacher
+
+
+def _numel(checkpoint: Checkpoint) -> int:
+    return sum(checkpoint.spec(n).nbytes // checkpoint.spec(n).dtype.itemsize for n in checkpoint.names)
+
+
+def teacher_bytes(dense: Source, cfg: FinetuneConfig, seqlen: int) -> int:
+    """The dense teacher run beside the student: its float32 weights, its logits for one
+    micro-batch and, with --hidden-weight, every layer's output states for it."""
+    config = dense.layout.config.get_text_config()
+    tokens = cfg.batch_size * seqlen
+    hidden = (dense.layout.num_layers + 1) * tokens * config.hidden_size * 4 if cfg.hidden_weight > 0 else 0
+    return 4 * _numel(dense.checkpoint) + tokens * config.vocab_size * 4 + hidden
+
+
+def topk_file_bytes(windows: int, seqlen: int, k: int) -> int:
+    """The top-k teacher file: int32 indices and float16 log-probabilities for k tokens, and the
+    float16 log of the rest's mass, for every position of every training window."""
+    return windows * seqlen * (6 * k + 2)
+
+
+def topk_layer_needs(dense: Source, windows: int, seqlen: int, batch: int) -> LayerNeeds:
+    """The big buffers of the top-k precompute, in float32: one teacher layer; the embeddings and
+    head, resident throughout (where a criterion's statistics would be); one chunk of windows
+    through a layer and its logits; the states of every training window between layers."""
+    config = dense.layout.config.get_text_config()
+    width = 4 * config.hidden_size + 3 * (getattr(config, "intermediate_size", None) or 4 * config.hidden_size)
+    transient = batch * seqlen * (width + 2 * config.vocab_size) * 4
+    outside = group_names(dense.checkpoint, dense.layout)[0]
+    resident = sum(4 * dense.checkpoint.spec(n).nbytes // dense.checkpoint.spec(n).dtype.itemsize for n in outside)
+    return LayerNeeds(largest_layer(dense, itemsize=4), resident, transient, windows * seqlen * config.hidden_size * 4)
+
+
+def topk_memory(needs: LayerNeeds, store: torch.device | Path) -> int:
+    """The top-k precompute's estimated peak in bytes (``activation_store``'s sum), states included
+    unless they wait on disk."""
+    return 3 * needs.weights + needs.stats + needs.transient + (0 if isinstance(store, Path) else 2 * needs.states)
+
+
+def choose_teacher(cfg: FinetuneConfig, source: Source, dense: Source, device: torch.device, seqlen: int) -> str:
+    """live or topk (auto: live when student and teacher train together within the memory budget,
+    as ``choose_mode`` judges whole-model training); ``--hidden-weight`` needs it live."""
+    if cfg.teacher_mode != "auto":
+        return cfg.teacher_mode
+    if cfg.hidden_weight > 0:
+        return "live"
+    budget = parse_budget(cfg.max_memory)
+    need = training_bytes(source, cfg, seqlen, teacher_bytes(dense, cfg, seqlen))
+    free = limit(device, budget)
+    mode = "live" if free is None or need <= WHOLE_MODEL_SHARE * free else "topk"
+    log.info("teacher %s: student and live teacher need about %.2f GB, %s available", mode, need / 1e9,
+             "unknown" if free is None else f"{free / 1e9:.2f} GB")
+    return mode
 
 
 def blockwise_layer_bytes(source: Source, cfg: FinetuneConfig, seqlen: int) -> dict[str, int]:
@@ -189,10 +239,11 @@ def parking(device: torch.device, needed: int) -> torch.device:
     return device if needed <= HIDDEN_ON_DEVICE_SHARE * torch.cuda.mem_get_info(device)[0] else torch.device("cpu")
 
 
-def choose_mode(cfg: FinetuneConfig, source: Source, device: torch.device, seqlen: int) -> str:
-    """whole or blockwise (auto: whole when training fits); refuses when ``--max-memory`` fits neither."""
+def choose_mode(cfg: FinetuneConfig, source: Source, device: torch.device, seqlen: int, teacher: int = 0) -> str:
+    """whole or blockwise (auto: whole when training fits, with ``teacher`` bytes of a teacher beside
+    the student); refuses when ``--max-memory`` fits neither."""
     budget = parse_budget(cfg.max_memory)
-    need = training_bytes(source, cfg, seqlen)
+    need = training_bytes(source, cfg, seqlen, teacher)
     if cfg.mode == "auto":
         free = limit(device, budget)
         mode = "whole" if free is None or need <= WHOLE_MODEL_SHARE * free else "blockwise"
@@ -201,8 +252,8 @@ def choose_mode(cfg: FinetuneConfig, source: Source, device: torch.device, seqle
     else:
         mode = cfg.mode
     if mode == "whole":
-        require("whole-model fine-tuning", {"for weights, gradients, optimiser state and activations": need},
-                device, budget)
+        require("whole-model fine-tuning", {"for weights, gradients, optimiser state and activations": need - teacher,
+                                            "for the teacher beside the student": teacher}, device, budget)
     else:
         require("block-wise fine-tuning of one layer", blockwise_layer_bytes(source, cfg, seqlen), device, budget)
     return mode

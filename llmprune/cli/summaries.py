@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..card import teacher_text
 from ..perplexity import EvalResult
 from ..progress import emit, json_mode, table
 
@@ -110,6 +111,8 @@ def finetune_summary(recipe: dict) -> str:
         ("training", f"{cfg['steps']} steps{per_layer} x {cfg['batch_size']} x {cfg['grad_accum']} windows of "
                      f"{ft['seqlen']} tokens from {ft['data']}, {cfg['optim']}, lr {cfg['lr']}"),
     ]
+    if "teacher" in ft:
+        rows.append(("teacher", teacher_text(ft["teacher"])))
     loss = ft.get("loss") or {}
     if "first" in loss:
         rows.append(("loss", f"{loss['start_mean']:.4f} -> {loss['end_mean']:.4f} (first and last tenth of the steps)"))

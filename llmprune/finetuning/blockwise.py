@@ -17,10 +17,9 @@ from torch import nn
 from .. import resume
 from ..arch import ModelWithoutLayers
 from ..config import FinetuneConfig
-from ..devices import parse_size
 from ..errors import LlmpruneError
 from ..faults import fault_point
-from ..shards import ShardWriter
+from ..shards import make_writer
 from ..sizing import activations_store
 from ..source import Source, group_names
 from ..stream import Activations, Layer, layers, output_specs, run
@@ -187,8 +186,9 @@ class BlockwiseStates:
 
 def run_blockwise(cfg: FinetuneConfig, source: Source, dense: Source, ids: torch.Tensor, tmp: Path,
                   out_dtype: torch.dtype, device: torch.device, precision: str, progress: bool,
-                  journal: resume.Journal) -> BlockwiseStep:
-    """Train and write every layer into ``tmp``, continuing after the journal's last completed layer."""
+                  journal: resume.Journal, compressed: dict[str, float] | None = None) -> BlockwiseStep:
+    """Train and write every layer into ``tmp``, continuing after the journal's last completed layer
+    (the matrices of ``compressed``, name -> sparsity, in the sparse-bitmask format)."""
     check_same_layout(source, dense)
     outer = ModelWithoutLayers(source.layout, source.checkpoint.read, device, torch.float32)
     hidden = source.layout.config.get_text_config().hidden_size
@@ -201,7 +201,7 @@ def run_blockwise(cfg: FinetuneConfig, source: Source, dense: Source, ids: torch
     states = BlockwiseStates(step)
     outside, per_layer = group_names(source.checkpoint, source.layout)
     specs = output_specs(source.checkpoint, source.layout, out_dtype)
-    writer = ShardWriter(tmp, specs, parse_size(cfg.max_shard_size), resume=done > 0)
+    writer = make_writer(tmp, specs, compressed or {}, cfg.max_shard_size, (journal.writer or {}) if done else None)
     try:
         if done:
             journal.verify(writer, per_layer[done - 1])

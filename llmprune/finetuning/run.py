@@ -1,5 +1,7 @@
 """A short fine-tune of a pruned model that keeps its sparsity exactly.
 
+The output keeps the input's save format: a sparse-bitmask input is written sparse-bitmask again.
+
 The mask of every prunable matrix (the linear weights inside the decoder layers, found by
 ``arch``) is where the input's weight is nonzero. Pruned weights stay exactly zero: their gradients
 are masked by a hook on the parameter, the mask is re-applied after every optimiser step (so no
@@ -14,6 +16,11 @@ Two modes:
   accumulation, optional gradient checkpointing, bf16 autocast on a GPU. Under ``accelerate
   launch`` or ``torchrun`` the processes train one model with DDP; ``batch_size`` is the global
   micro-batch, split between them, so a run's numbers do not depend on the process count.
+  ``loss`` distill learns the dense model's next-token distribution instead (``llmprune.distill``;
+  lm+distill adds both), optionally with SquareHead's matching of every layer's output
+  (``hidden_weight``). The teacher runs beside the student when both fit in memory
+  (``sizing.choose_teacher``), else its top-k distribution over the training windows is
+  precomputed layer by layer to the partial output's state folder (``teacher``).
 * blockwise: for models that do not fit. On the layer stream, each sparse decoder layer is trained
   to reproduce the dense model's layer on the same inputs (MSE), then written. Inputs are the
   calibration windows' states propagated through the already fine-tuned sparse layers; targets are
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import shutil
 import time
 from datetime import datetime, timezone
@@ -38,15 +46,15 @@ from pathlib import Path
 import torch
 
 from .. import data as data_sources
-from .. import resume
+from .. import resume, sparse
 from ..card import finetune_card
 from ..config import FinetuneConfig
 from ..distill import check_vocab
 from ..errors import LlmpruneError
 from ..output import check_output, copy_aux_files, default_output, replace_folder
 from ..perplexity import check_windows, evaluate, load_windows
-from ..recipe import Recipe, peak_rss_mb, sparsity_summary, versions
-from ..sizing import choose_mode
+from ..recipe import Recipe, peak_rss_mb, save_summary, sparsity_summary, versions
+from ..sizing import choose_mode, choose_teacher, teacher_bytes
 from ..source import (
     Source,
     capped_seqlen,
@@ -57,9 +65,11 @@ from ..source import (
     read_recipe,
     stored_dtype,
 )
+from ..stream import output_specs
 from .blockwise import BLOCKWISE_NSAMPLES, run_blockwise
 from .optim import loss_summary, require_bitsandbytes
 from .processes import Processes, resolve_precision
+from .teacher import TopKFile, open_topk, precompute_topk, topk_key
 from .whole import save_whole, train_whole
 
 log = logging.getLogger(__name__)
@@ -80,7 +90,29 @@ def dense_model(cfg: FinetuneConfig, recipe: dict) -> str:
     for key in ("path", "model"):
         if info.get(key) and (key == "model" or Path(info[key]).is_dir()):
             return info[key]
-    raise LlmpruneError("block-wise fine-tuning needs the dense model: pass --dense (the input's llmprune.json names none)")
+    why = "block-wise fine-tuning" if cfg.loss == "lm" else f"--loss {cfg.loss} (the teacher)"
+    raise LlmpruneError(f"{why} needs the dense model: pass --dense (the input's llmprune.json names none)")
+
+
+def check_hidden(source: Source, dense: Source) -> None:
+    """--hidden-weight matches decoder layer outputs one to one: same layer count and width."""
+    s, t = source.layout.config.get_text_config(), dense.layout.config.get_text_config()
+    if source.layout.num_layers != dense.layout.num_layers or s.hidden_size != t.hidden_size:
+        raise LlmpruneError(f"--hidden-weight matches each decoder layer's output with the teacher's, but the student "
+                            f"has {source.layout.num_layers} layers of width {s.hidden_size} and the teacher "
+                            f"{dense.layout.num_layers} of width {t.hidden_size} (removed layers or hidden width): "
+                            "use --hidden-weight 0")
+
+
+def kept_compression(source: Source) -> dict[str, float]:
+    """The input's matrices stored in the sparse-bitmask format (name -> sparsity, from the count of
+    stored values), to be written compressed again; {} for a dense input."""
+    out = {}
+    for name in source.checkpoint.compressed:
+        values = sparse.part_names(name)["values"]
+        kept = math.prod(source.checkpoint.location[values].entries[values][0].shape)
+        out[name] = 1 - kept / math.prod(source.checkpoint.spec(name).shape)
+    return out
 
 
 def sample_windows(source: Source, data: str, count: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -116,24 +148,32 @@ def finetune(cfg: FinetuneConfig, command: str | None = None, progress: bool = T
         log.warning("adamw8bit is slow on the CPU (bitsandbytes' CPU kernels): it saves memory on GPUs")
     precision = resolve_precision(cfg.precision, device)
     seqlen = capped_seqlen(source, cfg.seqlen if windows is None else windows.shape[1])
-    mode = "whole" if cfg.mode == "auto" and procs.world > 1 else choose_mode(cfg, source, device, seqlen)
+    dense = teacher_mode = None
+    if cfg.loss != "lm":
+        dense = open_source(dense_model(cfg, recipe_in))
+        check_vocab(source.layout.config.get_text_config().vocab_size, dense.layout.config.get_text_config().vocab_size,
+                    source.folder, dense.folder)
+        if cfg.hidden_weight > 0:
+            check_hidden(source, dense)
+        teacher_mode = choose_teacher(cfg, source, dense, device, seqlen)
+    live = teacher_bytes(dense, cfg, seqlen) if teacher_mode == "live" else 0
+    mode = "whole" if cfg.mode == "auto" and procs.world > 1 else choose_mode(cfg, source, device, seqlen, live)
     if mode == "blockwise" and procs.world > 1:
         raise LlmpruneError("block-wise fine-tuning runs in one process: start it without accelerate launch/torchrun")
     if mode == "blockwise" and cfg.loss != "lm":
         raise LlmpruneError(f"--loss {cfg.loss} is for whole-model fine-tuning: block-wise mode already learns "
                             "from the dense model's layers")
-    dense = open_source(dense_model(cfg, recipe_in)) if mode == "blockwise" or cfg.loss != "lm" else None
-    if dense is not None and cfg.loss != "lm":
-        check_vocab(source.layout.config.get_text_config().vocab_size, dense.layout.config.get_text_config().vocab_size,
-                    source.folder, dense.folder)
+    if mode == "blockwise":
+        dense = open_source(dense_model(cfg, recipe_in))
+    compressed = kept_compression(source)
     data = training_data(cfg, recipe_in)
     out_dtype = cfg.torch_dtype or stored_dtype(source)
     procs.start(device)
     journal = None
+    inputs = {"input": input_identity(source), "dense": input_identity(dense) if dense is not None else None}
+    key = resume.run_key({**cfg.to_dict(), "windows": _windows_key(windows)}, inputs, versions())
     if procs.main:  # the block-wise mode journals each layer; a killed whole-mode run starts over
-        inputs = {"input": input_identity(source), "dense": input_identity(dense) if dense is not None else None}
-        journal = resume.open_partial(output, resume.run_key({**cfg.to_dict(), "windows": _windows_key(windows)},
-                                                             inputs, versions()), False)
+        journal = resume.open_partial(output, key, False)
     tmp, keep = (journal.folder if journal is not None else None), False
     try:
         evaluation = eval_before(cfg, source.folder, recipe_in, progress) if procs.main and cfg.eval else None
@@ -145,22 +185,33 @@ def finetune(cfg: FinetuneConfig, command: str | None = None, progress: bool = T
         windows = check_windows(windows, getattr(source.layout.config, "vocab_size", None))
         section: dict = {"mode": mode, "data": data if data == "windows" else data_sources.resolve_source(data), "windows": windows.shape[0], "seqlen": windows.shape[1],
                          "processes": procs.world, "device": str(device), "precision": precision}
-        if cfg.loss != "lm":
-            section["teacher"] = {"model": dense_model(cfg, recipe_in), "path": str(dense.folder), "where": "alongside",
-                                  "loss": cfg.loss, "temperature": cfg.temperature}
+        topk = None
+        if teacher_mode is not None:
+            section["teacher"] = {"model": dense_model(cfg, recipe_in), "path": str(dense.folder), "mode": teacher_mode,
+                                  "loss": cfg.loss, "temperature": cfg.temperature, "hidden_weight": cfg.hidden_weight}
+            if teacher_mode == "live":
+                section["teacher"]["memory_estimate_bytes"] = live
+            else:
+                topk, report = teacher_topk(cfg, dense, windows, device, precision, procs,
+                                            resume.partial_folder(output, key) / resume.STATE / "teacher-topk", progress)
+                section["teacher"].update(k=topk.k, **report)
         if mode == "whole":
-            trained = train_whole(cfg, source, windows, device, precision, procs, progress, teacher=dense)
+            trained = train_whole(cfg, source, windows, device, precision, procs, progress,
+                                  teacher=dense if teacher_mode == "live" else None, topk=topk)
             if not procs.main:
                 procs.barrier()
                 return {}
-            zeros = save_whole(trained, source, tmp, out_dtype, cfg.max_shard_size, progress)
+            zeros = save_whole(trained, source, tmp, out_dtype, cfg.max_shard_size, progress, compressed)
             section.update(tokens=trained.tokens, train_seconds=round(trained.seconds, 2),
                            train_cpu_seconds=round(trained.cpu_seconds, 2),
                            loss=loss_summary(trained.losses))
+            if trained.teacher_bytes:
+                section["teacher"]["weights_bytes"] = trained.teacher_bytes
             del trained
         else:
             resumed = journal.layers_done
-            step = run_blockwise(cfg, source, dense, windows, tmp, out_dtype, device, precision, progress, journal)
+            step = run_blockwise(cfg, source, dense, windows, tmp, out_dtype, device, precision, progress, journal,
+                                 compressed)
             if resumed:
                 section["resumed_after_layers"] = resumed
             zeros = step.zeros
@@ -174,7 +225,9 @@ def finetune(cfg: FinetuneConfig, command: str | None = None, progress: bool = T
                            loss={"mse_before_mean": sum(before) / len(before), "mse_after_mean": sum(after) / len(after),
                                  "improved_layers": sum(a < b for a, b in zip(after, before))})
         section["mask_changes"] = 0  # checked weight by weight while writing
-        copy_aux_files(source.folder, tmp, source.layout.config, cfg.torch_dtype)
+        copy_aux_files(source.folder, tmp, source.layout.config, cfg.torch_dtype, list(compressed))
+        if compressed:
+            log.info("written in the input's %s format (%d matrices compressed)", sparse.FORMAT, len(compressed))
         if evaluation is not None:
             section["eval"] = eval_after(cfg, tmp, evaluation, progress)
         section.update(wall_time_s=round(time.perf_counter() - start, 3), cpu_time_s=round(time.process_time(), 1),
@@ -182,6 +235,8 @@ def finetune(cfg: FinetuneConfig, command: str | None = None, progress: bool = T
         if device.type == "cuda":
             section["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         recipe = build_recipe(recipe_in, source, cfg, section, zeros, command)
+        recipe.save = save_summary(tmp, sparse.FORMAT if compressed else "dense",
+                                   output_specs(source.checkpoint, source.layout, out_dtype))
         recipe.write(tmp)
         (tmp / "README.md").write_text(finetune_card(source.folder, recipe.to_dict()))
         journal.finish()
@@ -207,6 +262,21 @@ def finetune(cfg: FinetuneConfig, command: str | None = None, progress: bool = T
     recipe = {**recipe.to_dict(), "output": str(output)}
     log.info("wrote %s", output)
     return recipe
+
+
+def teacher_topk(cfg: FinetuneConfig, dense: Source, windows: torch.Tensor, device: torch.device, precision: str,
+                 procs: Processes, folder: Path, progress: bool) -> tuple[TopKFile, dict]:
+    """The teacher's top-k file for ``windows``: computed by the main process (the others wait,
+    then map the same file) and a report of its cost for llmprune.json."""
+    report: dict = {}
+    if procs.main:
+        topk, report = precompute_topk(dense, windows, cfg, device, precision, folder, progress)
+    procs.barrier()
+    if not procs.main:
+        topk = open_topk(folder, topk_key(dense, windows, cfg, precision))
+        if topk is None:
+            raise LlmpruneError(f"the teacher's top-k file in {folder} is missing: the processes must share a disk")
+    return topk, report
 
 
 def _windows_key(windows: torch.Tensor | None) -> str | None:

@@ -13,16 +13,16 @@ from torch import nn
 
 from ..arch import load_whole
 from ..config import FinetuneConfig
-from ..devices import parse_size
-from ..distill import kl_loss, lm_loss
+from ..distill import TopK, hidden_mse, kl_loss, kl_topk_loss, lm_loss
 from ..errors import LlmpruneError, one_line
 from ..progress import track
-from ..shards import ShardWriter
+from ..shards import make_writer
 from ..source import Source
 from ..stream import output_specs
 from .masking import Masks, cast_keeping_mask, check_finite, mask_changes, select_trainable
 from .optim import clip, make_optimizer, make_schedule
 from .processes import Processes, autocast, gradient_sync, shard
+from .teacher import TopKFile
 
 
 def _main_only(procs: Processes, progress: bool) -> bool:
@@ -70,26 +70,41 @@ class WholeRun:
     tokens: int
     seconds: float  # the training loop alone
     cpu_seconds: float  # its CPU time, all threads
+    teacher_bytes: int = 0  # a teacher beside the student: its weights' bytes in this process
 
 
-def step_loss(net: nn.Module, teacher: nn.Module | None, ids: torch.Tensor, cfg: FinetuneConfig) -> torch.Tensor:
-    """The loss of one micro-batch ``ids`` (B, T): next-token loss, KL from the teacher's next-token
-    distribution at ``cfg.temperature`` (scaled by T^2), or their sum."""
+def step_loss(net: nn.Module, ids: torch.Tensor, cfg: FinetuneConfig, teacher: nn.Module | None = None,
+              topk: TopK | None = None) -> torch.Tensor:
+    """The loss of one micro-batch ``ids`` (B, T): next-token loss (lm), or KL from the teacher's
+    next-token distribution at ``cfg.temperature`` (scaled by T^2), from the ``teacher`` model
+    beside the student or its precomputed ``topk``; with ``cfg.hidden_weight``, plus that weight
+    times SquareHead's normalised MSE of every decoder layer's output (live teacher); lm+distill
+    adds the next-token loss."""
     if cfg.loss == "lm":
         return net(input_ids=ids, labels=ids).loss
-    logits = net(input_ids=ids).logits  # (B, T, V)
-    with torch.no_grad():
-        target = teacher(input_ids=ids).logits  # (B, T, V)
-    loss = kl_loss(logits, target, cfg.temperature)
+    hidden = cfg.hidden_weight > 0
+    out = net(input_ids=ids, output_hidden_states=hidden)
+    logits = out.logits  # (B, T, V)
+    if topk is not None:
+        loss = kl_topk_loss(logits, topk)
+    else:
+        with torch.no_grad():
+            target = teacher(input_ids=ids, output_hidden_states=hidden)
+        loss = kl_loss(logits, target.logits, cfg.temperature)
+        if hidden:  # [0] is the embeddings' output, the same on both sides; then each layer's (B, T, C)
+            loss = loss + cfg.hidden_weight * hidden_mse(out.hidden_states[1:], target.hidden_states[1:])
+        del target
     return loss + lm_loss(logits, ids) if cfg.loss == "lm+distill" else loss
 
 
 def train_whole(cfg: FinetuneConfig, source: Source, windows: torch.Tensor, device: torch.device,
-                precision: str, procs: Processes, progress: bool, teacher: Source | None = None) -> WholeRun:
+                precision: str, procs: Processes, progress: bool, teacher: Source | None = None,
+                topk: TopKFile | None = None) -> WholeRun:
     """``cfg.steps`` optimiser steps over ``windows`` (steps * batch * accum rows, cycled when fewer).
 
-    ``teacher``: the dense model, for ``cfg.loss`` distill or lm+distill; it runs beside the student
-    in inference mode (both must fit in memory)."""
+    For ``cfg.loss`` distill or lm+distill, either ``teacher``: the dense model, run beside the
+    student in inference mode (both must fit in memory; sharded like the student under FSDP), or
+    ``topk``: its top-k distribution over ``windows``, precomputed."""
     from torch.nn.parallel import DistributedDataParallel
 
     if cfg.batch_size % procs.world:
@@ -112,22 +127,26 @@ def train_whole(cfg: FinetuneConfig, source: Source, windows: torch.Tensor, devi
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     dense = None
-    if cfg.loss != "lm":
+    if teacher is not None:
         dense = load_for_training(teacher, device, progress and procs.main).eval().requires_grad_(False)
+        if sharded:
+            shard(dense, device, procs.world)
     per_rank = cfg.batch_size // procs.world
-    rows = cfg.batch_size * cfg.grad_accum
+    step_rows = cfg.batch_size * cfg.grad_accum
     losses: list[float] = []
     start, cpu = time.perf_counter(), time.process_time()
     bar = track(range(cfg.steps), "fine-tune", "step", enabled=_main_only(procs, progress))
     for step in bar:
         total = 0.0
         for micro in range(cfg.grad_accum):
-            first = step * rows + micro * cfg.batch_size + procs.rank * per_rank
-            ids = windows[torch.arange(first, first + per_rank) % len(windows)].to(device)  # (B / processes, T)
+            first = step * step_rows + micro * cfg.batch_size + procs.rank * per_rank
+            rows = torch.arange(first, first + per_rank) % len(windows)
+            ids = windows[rows].to(device)  # (B / processes, T)
+            target = topk.rows(rows, device) if topk is not None else None
             sync = micro == cfg.grad_accum - 1 or procs.world == 1
             with gradient_sync(net, sync, sharded):
                 with autocast(device, precision):
-                    loss = step_loss(net, dense, ids, cfg) / cfg.grad_accum
+                    loss = step_loss(net, ids, cfg, dense, target) / cfg.grad_accum
                 loss.backward()
             total += loss.detach().item()
         masks.mask_grads()
@@ -145,8 +164,9 @@ def train_whole(cfg: FinetuneConfig, source: Source, windows: torch.Tensor, devi
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     if sharded:
         model, masks = gather_sharded(model, source, cfg, procs)
-    return WholeRun(model.eval() if model is not None else None, masks, losses, cfg.steps * rows * windows.shape[1],
-                    seconds, cpu)
+    held = 0 if dense is None else sum(p.numel() * p.element_size() for p in dense.parameters())
+    return WholeRun(model.eval() if model is not None else None, masks, losses, cfg.steps * step_rows * windows.shape[1],
+                    seconds, cpu, held)
 
 
 def gather_sharded(model: nn.Module, source: Source, cfg: FinetuneConfig, procs: Processes
@@ -170,10 +190,10 @@ def gather_sharded(model: nn.Module, source: Source, cfg: FinetuneConfig, procs:
 
 
 def save_whole(run: WholeRun, source: Source, tmp: Path, dtype: torch.dtype, max_shard_size: str,
-               progress: bool = True) -> dict[str, int]:
+               progress: bool = True, compressed: dict[str, float] | None = None) -> dict[str, int]:
     """Cast to ``dtype`` keeping the masks exact and write the input checkpoint's tensors, under
-    its names and in its order, tensor by tensor under a "save" bar; returns each masked matrix's
-    zero count."""
+    its names and in its order, tensor by tensor under a "save" bar (the matrices of ``compressed``,
+    name -> sparsity, in the sparse-bitmask format); returns each masked matrix's zero count."""
 
     exact = {name: cast_keeping_mask(p, run.masks.pruned[name], dtype) for name, p in run.masks.params.items()}
     model = run.model.to(dtype)
@@ -189,7 +209,7 @@ def save_whole(run: WholeRun, source: Source, tmp: Path, dtype: torch.dtype, max
     lacking = [spec.name for spec in specs if spec.name not in state]
     if lacking:
         raise RuntimeError(f"the trained model lacks {lacking[0]!r}")
-    writer = ShardWriter(tmp, specs, parse_size(max_shard_size))
+    writer = make_writer(tmp, specs, compressed or {}, max_shard_size)
     try:
         for spec in track(specs, "save", "tensor", enabled=progress):
             writer.write(spec.name, state[spec.name].detach().to("cpu", spec.dtype))
