@@ -69,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="leave torch-pruning's MAX_VALID_DIM as shipped (graph construction then does not end)")
     p.add_argument("--skip-dense", action="store_true", help="do not score the dense model")
     p.add_argument("--no-eval", action="store_true", help="prune and time only: no perplexity, no save")
+    p.add_argument("--loadable", action="store_true",
+                   help="only ratios whose pruned config transformers accepts (hidden size a multiple of the heads)")
     return p.parse_args(argv)
 
 
@@ -172,11 +174,22 @@ class ParamSearch:
     def __init__(self, config: PretrainedConfig, example: torch.Tensor):
         self.config, self.example = config, example
         self.probes: dict[float, int] = {}
+        self.configs: dict[float, PretrainedConfig] = {}
 
     def params(self, ratio: float) -> int:
         if ratio not in self.probes:
-            self.probes[ratio] = count_params(self._full_model_on_meta(self._pruned_config(ratio)))
+            self.configs[ratio] = self._pruned_config(ratio)
+            self.probes[ratio] = count_params(self._full_model_on_meta(self.configs[ratio]))
         return self.probes[ratio]
+
+    def loadable(self, ratio: float) -> bool:
+        """Whether transformers accepts the pruned config (it validates on save and on load)."""
+        self.params(ratio)
+        try:
+            self.configs[ratio].validate()
+        except Exception:  # transformers' strict validators raise their own error classes
+            return False
+        return True
 
     def _pruned_config(self, ratio: float) -> PretrainedConfig:
         cfg = copy.deepcopy(self.config)
@@ -203,6 +216,20 @@ class ParamSearch:
             else:
                 high = mid
         return min((low, high), key=lambda r: abs(self.params(r) - goal))
+
+    def loadable_ratio_for(self, goal: int, around: float, reach: int = 6) -> float | None:
+        """The loadable ratio nearest ``goal``, among hidden sizes within ``reach`` rounding steps of ``around``'s.
+
+        torch-pruning keeps floor(H * (1 - r)) hidden channels rounded down to ROUND_TO, so the
+        ratios 1 - (h + f) / H, 0 <= f < ROUND_TO, all keep h; the two ends of that band are tried
+        (the MLP keeps more channels at its low end).
+        """
+        dense_hidden, hidden = self.config.hidden_size, self.configs[around].hidden_size
+        sizes = range(hidden - reach * ROUND_TO, hidden + (reach + 1) * ROUND_TO, ROUND_TO)
+        ratios = [around] + [round(1 - (h + f) / dense_hidden, 6)
+                             for h in sizes if 0 < h <= dense_hidden for f in (0.01, ROUND_TO - 0.01)]
+        ok = [r for r in ratios if self.loadable(r)]
+        return min(ok, key=lambda r: abs(self.params(r) - goal)) if ok else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,7 +283,12 @@ def run_target(args: argparse.Namespace, target: float, dense_params: int, searc
     goal = round(target * dense_params)
     start = time.perf_counter()
     ratio = search.ratio_for(goal)
-    row: dict = {"target": target, "ratio": ratio, "search_s": round(time.perf_counter() - start, 1),
+    if args.loadable:
+        nearest = ratio
+        ratio = search.loadable_ratio_for(goal, around=nearest)
+        if ratio is None:
+            raise SystemExit(f"no loadable ratio near {nearest} for target {target}")
+    row: dict = {"target": target, "ratio": ratio, "loadable_search": args.loadable, "search_s": round(time.perf_counter() - start, 1),
                  "predicted_params": search.params(ratio)}
     log.info("target %.2f: ratio %.6f, predicted %d parameters", target, ratio, row["predicted_params"])
 
@@ -286,7 +318,8 @@ def run_target(args: argparse.Namespace, target: float, dense_params: int, searc
     row["ppl"] = perplexity(model, windows)
     row["eval_s"] = round(time.perf_counter() - start, 1)
     log.info("target %.2f: perplexity %.3f", target, row["ppl"])
-    row["save"] = save_and_reload(model, tokenizer, Path(args.work) / f"tp-{round(target * 100)}", windows[0, :128])
+    name = f"tp-{round(target * 100)}{'-loadable' if args.loadable else ''}"
+    row["save"] = save_and_reload(model, tokenizer, Path(args.work) / name, windows[0, :128])
     log.info("save/reload: %s", row["save"])
     return row
 
