@@ -24,7 +24,8 @@ PATH_OPTIONS = ("ratios", "calib_data", "eval", "tokenizer", "data", "dense")  #
 # The fine-tune's training options, which the prune command takes prefixed --finetune-
 FINETUNE_TRAINING = ("steps", "mode", "data", "nsamples", "seqlen", "batch_size", "grad_accum", "lr", "warmup",
                      "weight_decay", "max_grad_norm", "optim", "train_norms", "gradient_checkpointing", "precision",
-                     "dense", "targets", "distributed", "loss", "temperature", "seed")
+                     "dense", "targets", "distributed", "loss", "temperature", "teacher_mode", "teacher_topk",
+                     "hidden_weight", "seed")
 
 
 def _flag(name: str, value: object, path: Callable[[str], str]) -> list[str]:
