@@ -17,6 +17,7 @@ from .ratios import check_sparsity, parse_schedule
 from .sparse import SAVE_FORMATS
 
 EXPERT_SCORES = ("reap", "frequency")  # --pattern experts ranks experts by these, not by a criterion
+UNIT_ONLY_SCORES = ("flap",)  # structured channels/heads rank units by these, which prune no single weight
 
 
 LATER_OPTIONS = ("tokenizer",)
@@ -164,6 +165,10 @@ class PruneConfig(Options):
                 raise LlmpruneError("--schedule needs unstructured pruning: N:M fixes the sparsity of every group")
         if self.method in EXPERT_SCORES and pattern.kind != "experts":
             raise LlmpruneError(f"--method {self.method} ranks routed experts: use it with --pattern experts")
+        if self.method in UNIT_ONLY_SCORES and not (set(pattern.kinds) & {"channels", "heads", "kv-heads"}
+                                                    or (self.target_params is not None and not pattern.kinds)):
+            raise LlmpruneError(f"--method {self.method} ranks MLP channels and heads: use it with --pattern channels, "
+                                "heads, kv-heads, a mix of them or --target-params")
         if self.target_params is not None:
             check_target(self, pattern)
         elif pattern.kind == "mix":
@@ -185,7 +190,7 @@ class PruneConfig(Options):
             raise LlmpruneError("--ratios owl needs unstructured pruning: N:M fixes the sparsity of every group")
         if self.ratios == "owl" and self.schedule:
             raise LlmpruneError("--ratios owl and --schedule both set per-layer ratios: choose one")
-        if pattern.kind != "experts":
+        if pattern.kind != "experts" and self.method not in UNIT_ONLY_SCORES:
             criteria.get(self.method)
         # magnitude pruning reads no calibration text: --nsamples 0 says so
         self.check_ints({"nsamples": 1 if self.uses_calibration else 0, "seqlen": 2, "eval_seqlen": 2,
@@ -234,7 +239,7 @@ class PruneConfig(Options):
     @property
     def uses_calibration(self) -> bool:
         """Whether the run reads calibration text: a calibrated criterion, OWL ratios or dropped layers."""
-        if self.method in EXPERT_SCORES:
+        if self.method in EXPERT_SCORES + UNIT_ONLY_SCORES:
             return True
         return (criteria.get(self.method).needs_calibration or self.ratios == "owl"
                 or "layers" in self.parsed_pattern.kinds)
@@ -512,9 +517,9 @@ def check_target(cfg: PruneConfig, pattern: Pattern) -> None:
     if any(ratio is not None for _, ratio in pattern.parts):
         raise LlmpruneError(f"--pattern {cfg.pattern} fixes every ratio: drop --target-params, or name the kinds "
                             "alone (e.g. channels,heads)")
-    if cfg.method not in ("wanda", "sparsegpt"):
+    if cfg.method not in ("wanda", "sparsegpt", "flap"):
         raise LlmpruneError(f"--target-params chooses the mix from damage measured on calibration data: use "
-                            f"--method wanda or sparsegpt (not {cfg.method})")
+                            f"--method wanda, sparsegpt or flap (not {cfg.method})")
 
 
 def check_mix(cfg: PruneConfig, pattern: Pattern) -> None:
@@ -530,10 +535,10 @@ def check_options(cfg: PruneConfig) -> None:
         if cfg.method not in EXPERT_SCORES:
             raise LlmpruneError(f"--pattern experts ranks experts by reap (the CLI's default) or frequency, "
                                 f"not {cfg.method}")
-    elif cfg.method not in ("magnitude", "wanda", "sparsegpt"):
-        raise LlmpruneError(f"--pattern {cfg.pattern} ranks units by magnitude, wanda or sparsegpt, not {cfg.method}")
-    if cfg.pattern == "hidden" and cfg.method == "sparsegpt":
-        raise LlmpruneError("--pattern hidden ranks dimensions by magnitude or wanda, not sparsegpt")
+    elif cfg.method not in ("magnitude", "wanda", "sparsegpt", "flap"):
+        raise LlmpruneError(f"--pattern {cfg.pattern} ranks units by magnitude, wanda, sparsegpt or flap, not {cfg.method}")
+    if cfg.pattern == "hidden" and cfg.method in ("sparsegpt", "flap"):
+        raise LlmpruneError(f"--pattern hidden ranks dimensions by magnitude or wanda, not {cfg.method}")
     for flag, value in (("--ratios", cfg.ratios), ("--schedule", cfg.schedule), ("--true-sequential", cfg.true_sequential)):
         if value:
             raise LlmpruneError(f"{flag} does not apply to --pattern {cfg.pattern}: transformers' configs need one "

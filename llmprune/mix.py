@@ -31,22 +31,16 @@ from . import masks, reconstruct
 from .checkpoint import TensorSpec
 from .config import PruneConfig, parse_param_target
 from .errors import LlmpruneError
-from .stream import Activations, Layer, output_specs
-from .stream import layers as stream_layers
-from .structured import (
-    UNIT_NAMES,
-    UNIT_SCORES,
-    InfluenceStep,
-    Shrink,
-    UnitStep,
-    _calibrated_activations,
-    readout_view,
-    reduced_shape,
-    removal_count,
-    unit_columns,
-)
 from .source import Source
-from .units import Units, check_expressible, renumbered, shrunk_config_values, units_of, without_layers
+from .stream import Activations, Layer
+from .stream import layers as stream_layers
+from .stream import output_specs
+from .structured import (UNIT_NAMES, UNIT_SCORES, InfluenceStep, Shrink,
+                         UnitStep, _calibrated_activations, readout_view,
+                         reduced_shape, removal_count, unit_columns,
+                         unit_scores)
+from .units import (Units, check_expressible, renumbered, shrunk_config_values,
+                    units_of, without_layers)
 
 log = logging.getLogger(__name__)
 
@@ -300,8 +294,7 @@ class DamageStep:
             units = per_layer[layer.index]
             weight = readout_view(layer.tensors[names[units.readout.name]], units.readout)
             columns = unit_columns(units.readout, units.count)
-            scores = (reconstruct.obs_costs(weight, moments[kind], columns) if self.score == "sparsegpt"
-                      else reconstruct.output_energy(weight, moments[kind], columns))
+            scores = unit_scores(self.score, weight, moments[kind], columns)
             row = []
             for count in self.grid[kind]:
                 keep = masks.units(scores.view(units.blocks, units.per_block), count).reshape(-1)

@@ -71,7 +71,8 @@ from .units import (
 log = logging.getLogger(__name__)
 
 
-UNIT_SCORES = {"wanda": "output energy ||W_u X_u||^2", "sparsegpt": "OBS removal cost after re-fitting the rest"}
+UNIT_SCORES = {"wanda": "output energy ||W_u X_u||^2", "sparsegpt": "OBS removal cost after re-fitting the rest",
+               "flap": "fluctuation var(x_u) ||W_u||^2 (FLAP)"}
 UNIT_NAMES = {"channels": "MLP channels", "heads": "query heads per KV group", "kv-heads": "KV groups",
               "layers": "decoder layers", "experts": "routed experts per MoE layer", "hidden": "hidden dimensions"}
 HIDDEN_SCORES = {
@@ -121,7 +122,7 @@ class UnitStep:
     remove: int  # units removed per block
     norm: str
     acts: Activations | None = None  # set for calibrated ranking
-    score: str = "wanda"  # with acts: wanda (output energy) or sparsegpt (OBS removal cost)
+    score: str = "wanda"  # with acts: wanda (output energy), sparsegpt (OBS removal cost) or flap (fluctuation)
     reconstruct: bool = False
     advance: bool = True  # move the states on past the layer (False: a later step of the same layer does)
     removed: dict[int, list[int]] = field(default_factory=dict)
@@ -148,8 +149,7 @@ class UnitStep:
             readout = readout_view(layer.tensors[names[units.readout.name]], units.readout)  # (out, in) view
             columns = unit_columns(units.readout, units.count)  # (units, w)
             moments = self.readout_moments(module, layer.index, units)
-            scores = (reconstruct.obs_costs(readout, moments, columns) if self.score == "sparsegpt"
-                      else reconstruct.output_energy(readout, moments, columns))
+            scores = unit_scores(self.score, readout, moments, columns)
         keep = masks.units(scores.view(units.blocks, units.per_block), self.remove).reshape(-1).cpu()
         self.removed[layer.index] = torch.nonzero(~keep).squeeze(1).tolist()
         if module is not None and self.reconstruct:
@@ -179,6 +179,16 @@ class UnitStep:
         finally:
             handle.remove()
         return moments
+
+
+def unit_scores(score: str, readout: torch.Tensor, moments: reconstruct.InputMoments,
+                columns: torch.Tensor) -> torch.Tensor:
+    """Each unit's calibrated score under ``score`` (a key of ``UNIT_SCORES``): (units,), lowest goes first."""
+    if score == "sparsegpt":
+        return reconstruct.obs_costs(readout, moments, columns)
+    if score == "flap":
+        return reconstruct.fluctuation(readout, moments, columns)
+    return reconstruct.output_energy(readout, moments, columns)
 
 
 def readout_view(tensor: torch.Tensor, readout: Owned) -> torch.Tensor:

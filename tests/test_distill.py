@@ -100,7 +100,8 @@ def test_topk_below_the_vocabulary_is_a_lower_bound(seed):
     for k in (1, 4, V - 1):
         for temperature in (1.0, 2.0):
             bound = kl_topk_loss(s, topk_teacher(t, k, temperature, dtype=torch.float32)).item()
-            assert 0 < bound <= kl_loss(s, t, temperature).item() + 1e-6
+            full = kl_loss(s, t, temperature).item()
+            assert 0 < bound <= full * (1 + 1e-6) + 1e-6  # equal up to float32 rounding when k = V - 1
 
 
 def test_topk_is_exact_when_the_student_tail_has_the_teachers_shape():

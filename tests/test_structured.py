@@ -207,6 +207,49 @@ def test_wanda_channels_rank_by_output_norm(tokenized, calib_text, tmp_path):
     assert recipe["calibration"]["nsamples"] == 4 and "wanda" in recipe["structured"]["importance"]
 
 
+def test_flap_channels_rank_by_fluctuation(tokenized, calib_text, tmp_path):
+    src, out = tokenized["llama"], tmp_path / "out"
+    assert run_cli(src, "--pattern", "channels", "--method", "flap", "--sparsity", "0.25", "--no-reconstruct",
+                   "-o", out, "-q", "--calib-data", calib_text, *CALIB) == 0
+    reference, pruned = load(src), load(out)
+    mlp, inputs = decoder_layers(reference)[0].mlp, []
+    hook = mlp.down_proj.register_forward_hook(lambda m, args, output: inputs.append(args[0]))
+    with torch.no_grad():
+        reference(calibration_windows(src, calib_text))
+    hook.remove()
+    x = torch.cat([t.reshape(-1, 128) for t in inputs]).double()
+    # FLAP: the variance of channel j's input over the tokens times the squared norm of down[:, j]
+    scores = x.var(dim=0, unbiased=False) * mlp.down_proj.weight.double().square().sum(0)
+    kept = matches(mlp.gate_proj.weight, decoder_layers(pruned)[0].mlp.gate_proj.weight, 1)
+    assert kept == sorted(torch.argsort(scores, descending=True)[:96].tolist())
+    recipe = json.loads((out / "llmprune.json").read_text())
+    assert "FLAP" in recipe["structured"]["importance"]
+
+
+def test_flap_ranks_a_constant_input_last_where_wanda_ranks_it_first():
+    from llmprune.reconstruct import InputMoments
+    from llmprune.structured import unit_scores
+
+    x = torch.randn(500, 4, generator=torch.Generator().manual_seed(0))
+    x[:, 0] = 10 + 0.01 * x[:, 0]  # a large mean, little variance: FLAP's bias takes it over
+    moments = InputMoments(4)
+    moments.add(x)
+    weight, columns = torch.ones(3, 4), torch.arange(4)[:, None]
+    assert int(unit_scores("wanda", weight, moments, columns).argmax()) == 0
+    assert int(unit_scores("flap", weight, moments, columns).argmin()) == 0
+    torch.testing.assert_close(unit_scores("flap", weight, moments, columns),
+                               3 * x.double().var(0, unbiased=False).float(), rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("args", [["--sparsity", "0.5"], ["--pattern", "hidden", "--sparsity", "0.1"],
+                                  ["--pattern", "layers", "--sparsity", "0.25"]])
+def test_flap_only_ranks_channels_and_heads(capsys, tmp_path, tokenized, args):
+    assert run_cli(tokenized["llama"], "--method", "flap", *args, "-o", tmp_path / "out", "-q") == 2
+    err = capsys.readouterr().err.strip()
+    assert "--method flap ranks MLP channels and heads" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_wanda_heads_equal_the_model_with_heads_zeroed(tokenized, calib_text, tmp_path):
     src, out = tokenized["qwen2"], tmp_path / "out"
     # without the re-fit, so that only the removal itself is compared

@@ -54,7 +54,8 @@ def prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", help="output folder (default: ./<model>-<method>-<sparsity>)")
     p.add_argument("--revision", help="Hub branch, tag or commit")
     p.add_argument("--method", help="magnitude (default; wanda with --target-params), wanda, sparsegpt or admm; "
-                                    "with --pattern experts: reap (default) or frequency")
+                                    "with --pattern experts: reap (default) or frequency; structured channels and heads also rank by "
+                                    "flap (FLAP's fluctuation)")
     p.add_argument("--pattern", default="unstructured",
                    help="unstructured (default), N:M (e.g. 2:4), structured: channels, heads, kv-heads, layers, "
                         "hidden, experts, or a mix with a ratio each, e.g. channels=0.2,heads=0.34,layers=0.1")
