@@ -207,3 +207,34 @@ def test_a_killed_target_run_resumes_bit_identical_with_the_plan_it_chose(wide, 
     recipe, reference = (json.loads((f / "llmprune.json").read_text()) for f in (out, whole))
     assert recipe["resumed_after_layers"] == 3
     assert recipe["structured"] == reference["structured"]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3"])
+def test_mixes_and_targets_reload_in_plain_transformers_for_six_families(family, tmp_path, calib_text,
+                                                                         tiny_with_tokenizer):
+    from test_hidden import build
+
+    src = build(family, tmp_path / "dense", vocab_size=49152)
+    for name in TOKENIZER_FILES:
+        shutil.copy(tiny_with_tokenizer / name, src / name)
+    calib = ("--method", "wanda", "--calib-data", str(calib_text), "--nsamples", "4", "--seqlen", "32", "-q")
+    dense = AutoModelForCausalLM.from_pretrained(src)
+    ids = torch.randint(0, 49152, (1, 12), generator=torch.Generator().manual_seed(0))
+    assert run_cli(src, "--pattern", "channels=0.25,heads=0.5,layers=0.34", *calib, "-o", tmp_path / "mix") == 0
+    total = sum(p.numel() for p in dense.parameters())
+    decoder = sum(p.numel() for p in dense.model.layers.parameters())  # the embedding is most of a tiny model
+    target = int(total - 0.4 * decoder)
+    assert run_cli(src, "--target-params", str(target), *calib, "-o", tmp_path / "target") == 0
+    for out in ("mix", "target"):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / out).eval()
+        assert type(model) is type(dense)
+        params = sum(p.numel() for p in model.parameters())
+        if out == "mix":
+            assert model.config.intermediate_size == dense.config.intermediate_size * 3 // 4
+            assert model.config.num_attention_heads == dense.config.num_attention_heads // 2
+            assert model.config.num_hidden_layers == dense.config.num_hidden_layers - 1
+        else:
+            assert 0.99 * target <= params <= target
+        with torch.no_grad():
+            assert torch.isfinite(model(ids).logits).all()
+            assert model.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 16)
