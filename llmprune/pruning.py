@@ -212,17 +212,15 @@ def check_supported(cfg: PruneConfig, source: Source) -> None:
         if not any(source.layout.moe):
             raise LlmpruneError("--pattern experts needs a mixture-of-experts model: "
                                 f"{source.info.get('model', source.folder)} has no routed experts")
-        if cfg.finetune is not None and cfg.finetune.steps > 0:
-            raise LlmpruneError("--finetune-steps is not supported on mixture-of-experts models yet")
         return
     if not experts:
         return
     if cfg.structured:
         raise LlmpruneError(f"--pattern {cfg.pattern} is not supported on mixture-of-experts models yet: its "
                             f"{experts} routed expert matrices would be left out; use an unstructured or N:M pattern")
-    if cfg.finetune is not None and cfg.finetune.steps > 0:
-        raise LlmpruneError("--finetune-steps is not supported on mixture-of-experts models yet: the fine-tune "
-                            "would not keep the zeros of the routed experts")
+    if cfg.finetune is not None and cfg.finetune.steps > 0 and cfg.finetune.mode == "blockwise":
+        raise LlmpruneError("block-wise fine-tuning of mixture-of-experts layers is not supported yet: "
+                            "use --finetune-mode whole")
     if cfg.save_format != "dense" and any(name not in source.checkpoint for name in plan_sparsity(cfg, source)):
         raise LlmpruneError(f"--save-format {cfg.save_format} cannot store experts fused on disk yet: use "
                             "--save-format dense")

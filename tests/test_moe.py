@@ -267,19 +267,65 @@ def test_inspect_lists_expert_matrices(root, tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--pattern", "channels", "--sparsity", "0.25"], "not supported on mixture-of-experts models yet"),
     (["--pattern", "layers", "--sparsity", "0.5"], "not supported on mixture-of-experts models yet"),
-    (["--sparsity", "0.5", "--finetune-steps", "2"], "would not keep the zeros of the routed experts"),
+    (["--sparsity", "0.5", "--finetune-steps", "2", "--finetune-mode", "blockwise"],
+     "block-wise fine-tuning of mixture-of-experts layers is not supported yet: use --finetune-mode whole"),
 ])
 def test_what_would_mishandle_experts_is_refused(root, tmp_path, capsys, args, message):
-    """Structured patterns and fine-tuning do not know routed experts yet: one line, exit 2, nothing written."""
+    """Structured patterns other than experts, and block-wise fine-tuning, do not know routed experts
+    yet: one line, exit 2, nothing written."""
     expect_error(capsys, tmp_path, [tiny("mixtral", root), *args], message)
 
 
-def test_finetune_command_refuses_experts(root, tmp_path, capsys):
-    capsys.readouterr()
-    code = run_cli("finetune", tiny("qwen3_moe", root), "-o", tmp_path / "ft", "--steps", "1", "-q")
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and "fine-tuning a mixture-of-experts model is not supported yet" in err, err
-    assert len(err.splitlines()) == 1 and not (tmp_path / "ft").exists()
+def tokenized(family: str, folder: Path, fused_on_disk: bool = False) -> Path:
+    """A tiny ``family`` model with SmolLM2's tokenizer (so text can be tokenised for training)."""
+    from llmprune.packaged import smollm2_checkpoint
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, **{**MOE[family], **FAMILIES[family], "vocab_size": 49152})
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder, save_original_format=not fused_on_disk)
+    for name in TOKENIZER_FILES:
+        shutil.copy(smollm2_checkpoint() / name, folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("family, fused_on_disk", [("mixtral", False), ("qwen3_moe", False), ("gpt_oss", True)])
+def test_whole_finetune_trains_experts_and_keeps_their_zeros(tmp_path, calib_text, family, fused_on_disk):
+    src = tokenized(family, tmp_path / "dense", fused_on_disk)
+    pruned, tuned = tmp_path / "pruned", tmp_path / "tuned"
+    assert run_cli(src, "--sparsity", "0.5", "-o", pruned, "-q") == 0
+    assert run_cli("finetune", pruned, "-o", tuned, "--mode", "whole", "--steps", "3", "--seqlen", "32",
+                   "--batch-size", "2", "--lr", "1e-2", "--data", calib_text, "--device", "cpu", "-q") == 0
+    before, after = tensors(pruned), tensors(tuned)
+    assert set(after) == set(before)  # the input's on-disk names and layout
+    experts = [n for n in before if ".experts." in n and not n.endswith("bias")]  # biases train freely
+    assert experts
+    for name in experts:
+        assert after[name].shape == before[name].shape
+        assert torch.equal(after[name] == 0, before[name] == 0), name  # zeros kept, none added
+    assert any(not torch.equal(after[n], before[n]) for n in experts)  # the experts trained
+    routers = [n for n in before if n.endswith(("gate.weight", "router.weight")) and ".experts." not in n]
+    assert routers and all(torch.equal(after[n], before[n]) for n in routers)  # routers stay frozen
+    model = AutoModelForCausalLM.from_pretrained(tuned)
+    for label, view in expert_views(model).items():
+        assert zeros(view) == view.numel() // 2, label
+    recipe = json.loads((tuned / "llmprune.json").read_text())
+    assert recipe["finetune"]["mode"] == "whole"
+
+
+def test_prune_with_finetune_and_expert_removal_then_finetune(tmp_path, calib_text):
+    src = tokenized("qwen3_moe", tmp_path / "dense")
+    out = tmp_path / "out"
+    assert run_cli(src, "--method", "wanda", "--sparsity", "0.5", "--calib-data", calib_text, "--nsamples", "2",
+                   "--seqlen", "32", "--finetune-steps", "2", "--finetune-mode", "whole", "--finetune-seqlen", "32",
+                   "--finetune-batch-size", "2", "-o", out, "-q") == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert all(zeros(v) == v.numel() // 2 for v in expert_views(model).values())
+    fewer = tmp_path / "fewer"
+    assert run_cli(src, "--pattern", "experts", "--sparsity", "0.5", "--calib-data", calib_text, "--nsamples", "2",
+                   "--seqlen", "32", "--finetune-steps", "2", "--finetune-mode", "whole", "--finetune-seqlen", "32",
+                   "--finetune-batch-size", "2", "-o", fewer, "-q") == 0
+    model = AutoModelForCausalLM.from_pretrained(fewer)
+    assert model.config.num_experts == AutoConfig.from_pretrained(src).num_experts // 2
 
 
 def test_sparse_save_of_experts_fused_on_disk_is_refused(root, tmp_path, capsys):

@@ -80,9 +80,10 @@ def norm_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
             for pname, p in sub.named_parameters(recurse=False)}
 
 
-def select_trainable(module: nn.Module, linears: dict[str, str], train_norms: bool
-                     ) -> tuple[dict[str, nn.Parameter], list[nn.Parameter]]:
-    """Freeze ``module`` except the listed linears (model-relative module path -> key).
+def select_trainable(module: nn.Module, linears: dict[str, str], train_norms: bool,
+                     experts: dict[str, list[str]] | None = None) -> tuple[dict[str, nn.Parameter], list[nn.Parameter]]:
+    """Freeze ``module`` except the listed linears (model-relative module path -> key) and routed
+    expert parameters (parameter path, which is also its key -> the paths of its biases).
 
     Returns the masked weights by key, and every trainable parameter (weights, their biases, norms).
     """
@@ -95,6 +96,11 @@ def select_trainable(module: nn.Module, linears: dict[str, str], train_norms: bo
         trainable.append(sub.weight)
         if getattr(sub, "bias", None) is not None:
             trainable.append(sub.bias)
+    for path, biases in (experts or {}).items():  # routed experts' parameters (3-D when fused), masked by name
+        if any(module.get_parameter(path) is w for w in weights.values()):
+            continue  # an expert that is an nn.Linear the linear rule already lists
+        weights[path] = module.get_parameter(path)
+        trainable += [weights[path], *(module.get_parameter(b) for b in biases)]
     if train_norms:
         trainable += [p for p in norm_parameters(module).values() if p.dtype.is_floating_point]
     for p in trainable:

@@ -58,7 +58,6 @@ from ..sizing import choose_mode, choose_teacher, teacher_bytes
 from ..source import (
     Source,
     capped_seqlen,
-    fused_experts,
     input_identity,
     open_source,
     prunable_matrices,
@@ -139,9 +138,6 @@ def finetune(cfg: FinetuneConfig, command: str | None = None, progress: bool = T
         raise LlmpruneError(f"output {output} is the input folder: add --overwrite to replace it")
     if not in_place:
         check_output(output, source.folder, cfg.overwrite)
-    if fused_experts(source):
-        raise LlmpruneError(f"fine-tuning a mixture-of-experts model is not supported yet: the zeros of its "
-                            f"{fused_experts(source)} routed expert matrices would not be kept")
     recipe_in = read_recipe(source.folder)
     device = procs.device(cfg.device)
     if cfg.optim == "adamw8bit" and device.type == "cpu":
@@ -163,6 +159,10 @@ def finetune(cfg: FinetuneConfig, command: str | None = None, progress: bool = T
     if mode == "blockwise" and cfg.loss != "lm":
         raise LlmpruneError(f"--loss {cfg.loss} is for whole-model fine-tuning: block-wise mode already learns "
                             "from the dense model's layers")
+    if mode == "blockwise" and any(source.layout.moe):
+        raise LlmpruneError("block-wise fine-tuning of mixture-of-experts layers is not supported yet: "
+                            + ("the model does not fit for --mode whole within the memory budget"
+                               if cfg.mode == "auto" else "use --mode whole"))
     if mode == "blockwise":
         dense = open_source(dense_model(cfg, recipe_in))
     compressed = kept_compression(source)

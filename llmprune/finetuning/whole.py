@@ -62,6 +62,22 @@ def model_linears(layout) -> dict[str, str]:
             for i in range(layout.num_layers) for linear, name in layout.linear_names(i)}
 
 
+def model_experts(layout) -> dict[str, list[str]]:
+    """Path of every parameter holding routed expert matrices (a fused 3-D tensor, or one expert's
+    linear weight) -> the paths of its biases: trained like linears, their zeros kept."""
+    out: dict[str, list[str]] = {}
+    for i in range(layout.num_layers):
+        prefix = layout.layer_prefix(i)
+        for expert in layout.expert_matrices(i):
+            weight = expert.matrix.weight
+            param = expert.matrix.param
+            if prefix + param not in out:
+                biases = weight.bias_params() if weight.fused else (
+                    [f"{weight.container}.{weight.expert_keys[expert.matrix.expert]}.{weight.bias}"] if weight.bias else [])
+                out[prefix + param] = [prefix + b for b in biases]
+    return out
+
+
 @dataclass
 class WholeRun:
     model: nn.Module
@@ -114,11 +130,12 @@ def train_whole(cfg: FinetuneConfig, source: Source, windows: torch.Tensor, devi
     model = load_for_training(source, device, progress and procs.main)
     if cfg.gradient_checkpointing:
         checkpointing(model, True)
-    select_trainable(model, model_linears(layout), cfg.train_norms)
+    select_trainable(model, model_linears(layout), cfg.train_norms, model_experts(layout))
     sharded = procs.world > 1 and cfg.distributed == "fsdp"
     if sharded:
         shard(model, device, procs.world)
-    weights, trainable = select_trainable(model, model_linears(layout), cfg.train_norms)  # the sharded ones
+    weights, trainable = select_trainable(model, model_linears(layout), cfg.train_norms,
+                                          model_experts(layout))  # the sharded ones
     masks = Masks(weights)
     optimizer = make_optimizer(trainable, cfg)
     schedule = make_schedule(optimizer, cfg)
@@ -179,7 +196,7 @@ def gather_sharded(model: nn.Module, source: Source, cfg: FinetuneConfig, procs:
     if not procs.main:
         return None, None
     fresh = load_for_training(source, torch.device("cpu"), progress=False)
-    weights, _ = select_trainable(fresh, model_linears(source.layout), cfg.train_norms)
+    weights, _ = select_trainable(fresh, model_linears(source.layout), cfg.train_norms, model_experts(source.layout))
     masks = Masks(weights)
     masks.remove_hooks()
     missing = set(fresh.load_state_dict(full, strict=False).missing_keys)
@@ -187,6 +204,23 @@ def gather_sharded(model: nn.Module, source: Source, cfg: FinetuneConfig, procs:
     if lost:
         raise RuntimeError(f"FSDP state dict lacks trained parameters: {lost[:3]}")
     return fresh, masks
+
+
+def disk_state(layout, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's tensors under the checkpoint's names and in its layout: tensors that transformers
+    converts on load (fused experts, renamed routers) go back through the same conversion."""
+    out, planned = {}, {}
+    for name, tensor in state.items():
+        stored = layout.checkpoint_name(name)
+        index = layout.layer_of(stored)
+        plan = layout.plan(index) if index is not None else None
+        if plan is not None and stored in plan.targets:
+            planned.setdefault(index, {})[stored] = tensor
+        else:
+            out[stored] = tensor
+    for index, tensors in planned.items():
+        out.update(layout.plan(index).to_disk(tensors))
+    return out
 
 
 def save_whole(run: WholeRun, source: Source, tmp: Path, dtype: torch.dtype, max_shard_size: str,
@@ -204,7 +238,7 @@ def save_whole(run: WholeRun, source: Source, tmp: Path, dtype: torch.dtype, max
         zeros[name] = p.numel() - int(torch.count_nonzero(p.data))
     if changed:  # cannot happen: cast_keeping_mask makes the zeros the mask's
         raise RuntimeError(f"{changed} weights left their mask")
-    state = {source.layout.checkpoint_name(name): t for name, t in model.state_dict().items()}
+    state = disk_state(source.layout, model.state_dict())
     specs = output_specs(source.checkpoint, source.layout, dtype)
     lacking = [spec.name for spec in specs if spec.name not in state]
     if lacking:
