@@ -331,3 +331,26 @@ def test_prune_with_finetune_and_expert_removal_then_finetune(tmp_path, calib_te
 def test_sparse_save_of_experts_fused_on_disk_is_refused(root, tmp_path, capsys):
     expect_error(capsys, tmp_path, [tiny("gpt_oss", root), "--pattern", "2:4", "--save-format", "sparse-bitmask"],
                  "cannot store experts fused on disk yet")
+
+
+def test_owl_sensitivity_and_sweep_reach_the_experts(tmp_path, calib_text):
+    src = tokenized("mixtral", tmp_path / "dense")
+    calib = ("--calib-data", str(calib_text), "--nsamples", "2", "--seqlen", "32", "-q")
+    assert run_cli(src, "--method", "wanda", "--sparsity", "0.7", "--ratios", "owl", *calib, "-o", tmp_path / "owl") == 0
+    recipe = json.loads((tmp_path / "owl" / "llmprune.json").read_text())
+    experts = {n: m for n, m in recipe["sparsity"]["matrices"].items() if ".experts." in n}
+    assert len(experts) == 24 and len(recipe["owl"]["outlier_ratios"]) == 2
+    for layer in (0, 1):  # OWL's per-layer ratio reaches that layer's experts as its attention
+        ratios = {round(m["target"], 6) for n, m in recipe["sparsity"]["matrices"].items() if f"layers.{layer}." in n}
+        assert len(ratios) == 1 and ratios != {0.7}
+    assert run_cli("sensitivity", src, "--sparsity", "0.5", "--sparsities", "0.3,0.7", *calib, "-o", tmp_path / "sens") == 0
+    rules = tmp_path / "sens" / "ratios.yaml"
+    assert run_cli(src, "--sparsity", "0.5", "--ratios", rules, "-o", tmp_path / "ruled", "-q") == 0
+    matrices = json.loads((tmp_path / "ruled" / "llmprune.json").read_text())["sparsity"]["matrices"]
+    per_layer = [{round(m["target"], 6) for n, m in matrices.items() if f"layers.{i}." in n and ".experts." in n}
+                 for i in (0, 1)]
+    assert all(len(r) == 1 for r in per_layer) and per_layer[0] != per_layer[1]  # the file's ratios, experts included
+    assert run_cli("sweep", src, "--sparsities", "0.5", "--methods", "magnitude,wanda", "--eval", calib_text,
+                   "--eval-seqlen", "32", "--eval-max-windows", "2", *calib, "-o", tmp_path / "sweep") == 0
+    rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert "wanda" in json.dumps(rows) and "magnitude" in json.dumps(rows)
