@@ -40,6 +40,16 @@ from llmprune.shards import ShardWriter  # noqa: E402
 
 SHAPES_70B = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8)
 SHAPES_SMALL = dict(hidden_size=512, intermediate_size=1792, num_attention_heads=16, num_key_value_heads=2)
+# Qwen3-30B-A3B's decoder layer: 128 routed experts (8 per token) of intermediate 768, 32 query and
+# 4 KV heads of 128; ~0.62 G parameters (1.25 GB in bf16) per layer, 48 layers. Experts are written
+# fused on disk (experts.gate_up_proj (128, 1536, 2048), experts.down_proj (128, 2048, 768)), so the
+# engine reads 3-D tensors from the shards.
+SHAPES_QWEN3_MOE = dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                        num_experts_per_tok=8, num_attention_heads=32, num_key_value_heads=4, head_dim=128)
+SHAPES_QWEN3_MOE_SMALL = dict(SHAPES_QWEN3_MOE, hidden_size=256, moe_intermediate_size=96, num_experts=16,
+                              num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+FAMILIES = {"llama": ("llama", SHAPES_70B, SHAPES_SMALL, 80), "qwen3-moe": ("qwen3_moe", SHAPES_QWEN3_MOE,
+                                                                            SHAPES_QWEN3_MOE_SMALL, 48)}
 VOCAB = 512
 
 
@@ -57,9 +67,9 @@ def build_tokenizer(folder: Path) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(folder)
 
 
-def build_checkpoint(folder: Path, layers: int, seqlen: int, shapes: dict) -> None:
+def build_checkpoint(folder: Path, layers: int, seqlen: int, shapes: dict, model_type: str = "llama") -> None:
     """Random bf16 weights written tensor by tensor (never a whole model in memory)."""
-    config = AutoConfig.for_model("llama", num_hidden_layers=layers, vocab_size=VOCAB, dtype="bfloat16",
+    config = AutoConfig.for_model(model_type, num_hidden_layers=layers, vocab_size=VOCAB, dtype="bfloat16",
                                   max_position_embeddings=max(4096, seqlen), **shapes)
     folder.mkdir(parents=True)
     config.save_pretrained(folder)
@@ -106,7 +116,10 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/llmprune-scale", help="scratch folder (~1.7 GB per layer, twice)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--small", action="store_true", help="1/16-wide layers: a smoke run of the script itself")
+    ap.add_argument("--family", default="llama", choices=sorted(FAMILIES),
+                    help="llama (LLaMA-2-70B layers, default) or qwen3-moe (Qwen3-30B-A3B layers, experts fused on disk)")
     args = ap.parse_args()
+    model_type, shapes, small, total_layers = FAMILIES[args.family]
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     text = work / "text"
@@ -114,26 +127,28 @@ def main() -> None:
     counts = [int(n) for n in args.layers.split(",")]
     rows = []
     for layers in counts:
-        src = work / f"llama70b-shapes-{layers}layers"
+        src = work / f"{args.family}-shapes-{layers}layers"
         t0 = time.perf_counter()
-        build_checkpoint(src, layers, args.seqlen, SHAPES_SMALL if args.small else SHAPES_70B)
+        build_checkpoint(src, layers, args.seqlen, small if args.small else shapes, model_type)
         print(f"built {src} in {time.perf_counter() - t0:.0f} s", flush=True)
         for method in args.methods.split(","):
             row = {"layers": layers, "method": method, **prune(src, work / "out", method, args, text)}
             print(json.dumps(row), flush=True)
             rows.append(row)
         shutil.rmtree(src)
-    summary = extrapolate(rows, counts)
+    summary = extrapolate(rows, counts, total_layers)
     for line in summary:
         print(json.dumps(line))
-    report = {"machine": machine(args.device), "small": args.small, "calibration": [args.nsamples, args.seqlen], "runs": rows,
+    report = {"machine": machine(args.device), "family": args.family, "shapes": small if args.small else shapes,
+              "small": args.small, "calibration": [args.nsamples, args.seqlen], "runs": rows,
               "extrapolated": summary}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
 
-def extrapolate(rows: list[dict], counts: list[int]) -> list[dict]:
-    """Marginal seconds per layer between the smallest and largest run, and an 80-layer estimate."""
+def extrapolate(rows: list[dict], counts: list[int], total: int = 80) -> list[dict]:
+    """Marginal seconds per layer between the smallest and largest run, and an estimate for the
+    whole model's ``total`` layers."""
     lo, hi = min(counts), max(counts)
     out = []
     for method in dict.fromkeys(r["method"] for r in rows):
@@ -141,7 +156,7 @@ def extrapolate(rows: list[dict], counts: list[int]) -> list[dict]:
         b = next(r for r in rows if r["method"] == method and r["layers"] == hi)
         per_layer = (b["run_s"] - a["run_s"]) / (hi - lo)
         out.append({"method": method, "seconds_per_layer": round(per_layer, 1),
-                    "estimated_80_layers_h": round((a["run_s"] + (80 - lo) * per_layer) / 3600, 2),
+                    f"estimated_{total}_layers_h": round((a["run_s"] + (total - lo) * per_layer) / 3600, 2),
                     "peak_rss_gb": [a["peak_rss_gb"], b["peak_rss_gb"]], "peak_gpu_gb": [a["peak_gpu_gb"], b["peak_gpu_gb"]]})
     return out
 
