@@ -131,6 +131,11 @@ class PruneConfig(Options):
     seqlen: int = 2048  # capped by the model's context
     seed: int = 0
     true_sequential: bool = False
+    # --method admm: iterations, penalty start (x mean diag H) and growth per iteration, final exact re-fit
+    admm_iterations: int = 40
+    admm_rho: float = 0.03
+    admm_rho_growth: float = 1.1
+    admm_refit: bool = True
     # statistics of routed experts from the tokens routed to each ("routed"), or from every token ("all")
     moe_calibration: str = "routed"
     # structured channels/heads with calibration: re-fit the readout's kept columns by least squares
@@ -188,6 +193,7 @@ class PruneConfig(Options):
             parse_schedule(self.schedule)
         if self.ratios == "owl" and pattern.kind == "nm":
             raise LlmpruneError("--ratios owl needs unstructured pruning: N:M fixes the sparsity of every group")
+        self.admm_options()
         if self.ratios == "owl" and self.schedule:
             raise LlmpruneError("--ratios owl and --schedule both set per-layer ratios: choose one")
         if pattern.kind != "experts" and self.method not in UNIT_ONLY_SCORES:
@@ -203,6 +209,17 @@ class PruneConfig(Options):
         if self.save_format != "dense" and self.structured:
             raise LlmpruneError(f"--pattern {self.pattern} writes a smaller dense model: --save-format "
                                 f"{self.save_format} has no zeros to compress there")
+
+    def admm_options(self):
+        """The ADMM criterion's options from --admm-*; refused with another method unless default."""
+        admm = criteria.admm
+        given = (self.admm_iterations, self.admm_rho, self.admm_rho_growth, self.admm_refit)
+        if self.method != "admm":
+            if given != (admm.ITERATIONS, admm.RHO_START, admm.RHO_GROWTH, admm.REFIT):
+                raise LlmpruneError(f"--admm-* options apply to --method admm, not {self.method}")
+            return None
+        return admm.AdmmOptions(iterations=self.admm_iterations, ramp=min(self.admm_iterations, admm.RAMP),
+                                rho_start=self.admm_rho, rho_growth=self.admm_rho_growth, refit=self.admm_refit)
 
     @property
     def parsed_pattern(self) -> Pattern:

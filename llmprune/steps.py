@@ -282,6 +282,8 @@ def make_step(cfg: PruneConfig, source: Source, device: torch.device, store: tor
 
     With ``--ratios owl`` the targets are OWL's, from the journal when a resumed run has them."""
     criterion = criteria.get(cfg.method)
+    if cfg.method == "admm":
+        criterion = criterion.Configured(cfg.admm_options())
     if not (criterion.needs_calibration or cfg.ratios == "owl"):
         return PruneStep(criterion, targets, cfg.parsed_pattern, cfg.norm), None, None
     outer, ids = calibration(cfg, source, device, store, calib_ids)

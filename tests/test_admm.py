@@ -226,3 +226,42 @@ def test_admm_through_the_cli(tiny_with_tokenizer, calib_text, tmp_path):
             assert row["achieved"] == 0.5, name
             if pattern == "2:4":
                 assert masks.is_n_m(weights[name], 2, 4), name
+
+
+def test_configured_criterion_prunes_with_its_options():
+    w, x = layer(16, 64)
+    options = admm.AdmmOptions(iterations=6, ramp=2, rho_start=0.1, rho_growth=1.3, refit=False)
+    stats = calibrate(admm, w, x)
+    configured = admm.Configured(options)
+    assert configured.needs_calibration and configured.init_stats is admm.init_stats
+    got, keep = configured.prune(w, 0.5, UNSTRUCTURED, stats)
+    want, want_keep = admm.prune(w, 0.5, UNSTRUCTURED, stats, "l1", options)
+    assert torch.equal(got, want) and torch.equal(keep, want_keep)
+    default, _ = admm.prune(w, 0.5, UNSTRUCTURED, stats)
+    assert not torch.equal(got, default)
+
+
+def test_admm_options_through_the_cli(tiny_with_tokenizer, calib_text, tmp_path, capsys):
+    import json
+
+    from safetensors.torch import load_file
+
+    from conftest import expect_error, run_cli
+
+    calib = ["--calib-data", str(calib_text), "--nsamples", "4", "--seqlen", "64", "-q"]
+    outs = {}
+    for name, extra in (("default", []), ("custom", ["--admm-iterations", "6", "--admm-rho", "0.1",
+                                                     "--admm-rho-growth", "1.3", "--no-admm-refit"])):
+        outs[name] = tmp_path / name
+        assert run_cli(tiny_with_tokenizer, "--method", "admm", "--sparsity", "0.5", *calib, *extra,
+                       "-o", outs[name]) == 0
+    recipe = json.loads((outs["custom"] / "llmprune.json").read_text())
+    assert {k: recipe["config"][k] for k in ("admm_iterations", "admm_rho", "admm_rho_growth", "admm_refit")} == \
+        {"admm_iterations": 6, "admm_rho": 0.1, "admm_rho_growth": 1.3, "admm_refit": False}
+    assert all(row["achieved"] == 0.5 for row in recipe["sparsity"]["matrices"].values())
+    a, b = load_file(outs["default"] / "model.safetensors"), load_file(outs["custom"] / "model.safetensors")
+    assert any(not torch.equal(a[n], b[n]) for n in recipe["sparsity"]["matrices"])
+    expect_error(capsys, tmp_path, [tiny_with_tokenizer, "--method", "wanda", "--sparsity", "0.5",
+                                    "--admm-iterations", "6"], "--admm-* options apply to --method admm, not wanda")
+    expect_error(capsys, tmp_path, [tiny_with_tokenizer, "--method", "admm", "--sparsity", "0.5",
+                                    "--admm-rho-growth", "0.5"], "rho_growth >= 1")

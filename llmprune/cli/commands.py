@@ -87,6 +87,13 @@ def prune_parser() -> argparse.ArgumentParser:
     add_calibration_options(c)
     add_tokenizer_option(c)
     c.add_argument("--true-sequential", action="store_true", help="prune a layer's linears group by group in execution order")
+    a = p.add_argument_group("ADMM (--method admm)")
+    a.add_argument("--admm-iterations", type=int, default=40, help="ADMM iterations (default 40, measured)")
+    a.add_argument("--admm-rho", type=float, default=0.03,
+                   help="penalty at the first step, relative to the Hessian's mean diagonal (default 0.03)")
+    a.add_argument("--admm-rho-growth", type=float, default=1.1, help="penalty factor per iteration (default 1.1)")
+    a.add_argument("--no-admm-refit", dest="admm_refit", action="store_false",
+                   help="keep ADMM's last iterate instead of re-fitting the kept weights of its mask exactly")
     c.add_argument("--moe-calibration", default="routed", choices=["routed", "all"],
                    help="statistics of each routed expert from the tokens the router sends it (routed, default), "
                         "or from every calibration token (all; the forward still routes as the model does)")
@@ -135,7 +142,8 @@ def run_prune(argv: list[str]) -> int:
         target_params=args.target_params, norm=args.norm, ratios=args.ratios, schedule=args.schedule,
         device=args.device, dtype=args.dtype, max_shard_size=args.max_shard_size, save_format=args.save_format,
         overwrite=args.overwrite, calib_data=args.calib_data, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-        true_sequential=args.true_sequential, moe_calibration=args.moe_calibration, reconstruct=args.reconstruct, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
+        true_sequential=args.true_sequential, moe_calibration=args.moe_calibration, admm_iterations=args.admm_iterations,
+        admm_rho=args.admm_rho, admm_rho_growth=args.admm_rho_growth, admm_refit=args.admm_refit, reconstruct=args.reconstruct, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
         eval=args.eval, eval_seqlen=args.eval_seqlen, eval_max_windows=args.eval_max_windows,
         finetune=FinetuneConfig(model="", **finetune_options(args, "finetune-")) if args.finetune_steps else None,
         resume=args.resume, max_memory=args.max_memory, stream_from_hub=args.stream_from_hub, tokenizer=args.tokenizer,

@@ -302,3 +302,18 @@ def prune(weight: torch.Tensor, sparsity: float, pattern: Pattern, stats: Hessia
     w = (v / spec.scale).masked_fill_(~keep, 0)
     out = w.to(weight.dtype).masked_fill_(~keep, 0)
     return _no_kept_zeros(out, keep, torch.where(w == 0, weight.float(), w).sign()), keep
+
+
+class Configured:
+    """This criterion with ``options`` fixed (the engine calls ``prune`` without them); every other
+    attribute is the module's."""
+
+    def __init__(self, options: AdmmOptions):
+        self.options = options
+
+    def __getattr__(self, name: str):
+        return globals()[name] if name in globals() else super().__getattribute__(name)
+
+    def prune(self, weight: torch.Tensor, sparsity: float, pattern: Pattern, stats: Hessian | None,
+              norm: str = "l1") -> tuple[torch.Tensor, torch.Tensor]:
+        return prune(weight, sparsity, pattern, stats, norm, self.options)
