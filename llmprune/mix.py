@@ -6,11 +6,15 @@ the query heads and then the MLP channels are ranked and removed as their own pa
 readout re-fitted, the states moving on through the layer as the output model computes it.
 
 ``--target-params 0.8`` (or ``1.5B``) chooses the shares. One read-only pass over the dense model on
-the calibration data measures, for every decoder layer, the damage each removal would do: the mean
-squared error per token it injects into the residual stream, relative to the stream's energy
-(mean squared norm of the hidden state) leaving that layer. For channels and heads that is the
-readout's output error once the lowest-ranked units are gone and the rest re-fitted by least
-squares (at a grid of counts, interpolated between), for a whole layer ||h_out - h_in||^2. The
+the calibration data measures, for every decoder layer, the damage each removal would do: the error it
+injects into the residual stream, token by token relative to that token's squared norm entering the
+layer, averaged over the tokens, mean_t ||e_t||^2 / ||h_t||^2. Per token, because a few tokens (the
+first, an attention sink) carry residual norms tens of times the others': a ratio of sums is theirs
+alone, and then a whole middle layer looks cheaper than a sixth of every layer's channels (on
+SmolLM2 that choice at 90% of the parameters measured 38.3 perplexity against 27.9 for channels
+alone at 88%). For channels and heads the error is the readout's output error once the
+lowest-ranked units are gone and the rest re-fitted by least squares (each token's readout input
+scaled by 1 / ||h_t||; at a grid of counts, interpolated between), for a whole layer ||h_out - h_in||^2. The
 search then takes, among every mix of uniform counts (the same number of channels and heads in every
 kept layer, as transformers' configs require) whose parameter count lies within 1% of the target,
 the one with the least summed damage. The plan, its predicted damage and the best single-kind plans
@@ -266,28 +270,33 @@ class DamageStep:
     def __call__(self, layer: Layer) -> None:
         module = layer.module()
         moments, handles = {}, []
+        inverse_norm: list[torch.Tensor] = []  # the chunk in flight: 1 / ||h_t|| of each token entering the layer
+
+        def weigh(mod, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            inverse_norm[:] = [hidden.float().norm(dim=-1, keepdim=True).clamp_min(1e-6).reciprocal()]
+
+        handles.append(module.register_forward_pre_hook(weigh, with_kwargs=True))
         for kind, per_layer in self.units.items():
             readout = per_layer[layer.index].readout
             m = reconstruct.InputMoments(readout.owner.shape[0], device=self.acts.device)
             moments[kind] = m
             handles.append(module.get_submodule(readout.name.rsplit(".", 1)[0]).register_forward_hook(
-                lambda mod, args, out, m=m: m.add(args[0])))
+                lambda mod, args, out, m=m: m.add(args[0].float() * inverse_norm[0].to(args[0].device))))
         before = self.acts.snapshot()
         try:
             self.acts.advance(module, layer.index)
         finally:
             for h in handles:
                 h.remove()
-        energy = drift = 0.0
+        drift = 0.0
         for i, a in enumerate(before):
             b = self.acts.chunk(i).float()
             a = (torch.load(a, weights_only=True) if isinstance(a, Path) else a).to(b.device, torch.float32)
-            energy += float(b.square().sum(dtype=torch.float64))
-            drift += float((b - a).square().sum(dtype=torch.float64))
+            drift += float(((b - a).square().sum(-1) / a.square().sum(-1).clamp_min(1e-12)).sum(dtype=torch.float64))
             if isinstance(before[i], Path):
                 before[i].unlink()
-        energy /= self.acts.tokens
-        self.layers.append(drift / self.acts.tokens / energy)
+        self.layers.append(drift / self.acts.tokens)
         names = {o.name: layer.layout.checkpoint_name(layer.layout.layer_prefix(layer.index) + o.name)
                  for per_layer in self.units.values() for o in per_layer[layer.index].tensors}
         for kind, per_layer in self.units.items():
@@ -300,7 +309,7 @@ class DamageStep:
                 keep = masks.units(scores.view(units.blocks, units.per_block), count).reshape(-1)
                 owner = units.readout.owner
                 kept = torch.nonzero((owner < 0) | keep.to(owner.device)[owner.clamp(min=0)]).squeeze(1)
-                row.append(reconstruct.removal_error(weight, moments[kind], kept, self.refitted) / energy)
+                row.append(reconstruct.removal_error(weight, moments[kind], kept, self.refitted))
             self.damage.setdefault(kind, []).append(row)
 
 

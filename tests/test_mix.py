@@ -85,7 +85,7 @@ def test_param_targets_parse():
 @pytest.mark.parametrize("options, message", [
     (dict(target_params="0.8", method="wanda", sparsity=0.3), "drop --sparsity"),
     (dict(target_params="0.8", method="wanda", pattern="2:4"), "not --pattern 2:4"),
-    (dict(target_params="0.8", method="magnitude"), "use --method wanda or sparsegpt"),
+    (dict(target_params="0.8", method="magnitude"), "use --method wanda, sparsegpt or flap"),
     (dict(target_params="0.8", method="wanda", pattern="channels=0.2"), "fixes every ratio"),
     (dict(pattern="channels,heads"), "add --target-params"),
     (dict(pattern="channels=0.2,heads=0.5", sparsity=0.3), "drop --sparsity"),
