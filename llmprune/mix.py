@@ -42,12 +42,20 @@ from .source import Source
 from .stream import Activations, Layer
 from .stream import layers as stream_layers
 from .stream import output_specs
-from .structured import (UNIT_NAMES, UNIT_SCORES, InfluenceStep, Shrink,
-                         UnitStep, _calibrated_activations, readout_view,
-                         reduced_shape, removal_count, unit_columns,
-                         unit_scores)
-from .units import (Units, check_expressible, renumbered, shrunk_config_values,
-                    units_of, without_layers)
+from .structured import (
+    UNIT_NAMES,
+    UNIT_SCORES,
+    InfluenceStep,
+    Shrink,
+    UnitStep,
+    _calibrated_activations,
+    readout_view,
+    reduced_shape,
+    removal_count,
+    unit_columns,
+    unit_scores,
+)
+from .units import Units, check_expressible, renumbered, shrunk_config_values, units_of, without_layers
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from . import mix, resume, sparse, structured
+from . import hidden, mix, resume, sparse, structured
 from .card import base_model_id, input_card_metadata, model_card
 from .checkpoint import TensorSpec
 from .config import PruneConfig
@@ -87,7 +87,8 @@ def plan_step(cfg: PruneConfig, source: Source, device: torch.device, targets: d
             journal.remember(mix=shrink.decision())
         return Plan(shrink, shrink.acts, shrunk_targets(shrink, source, targets), shrink)
     before = journal.before.influence  # a resumed layers or hidden run keeps its first pass's scores
-    shrink = structured.plan(cfg, source, device, progress, before and before["scores"], calib_ids)
+    planner = hidden.plan if cfg.parsed_pattern.kind == "hidden" else structured.plan
+    shrink = planner(cfg, source, device, progress, before and before["scores"], calib_ids)
     if shrink.kind not in ("layers", "experts"):
         targets = shrunk_targets(shrink, source, targets)
     recipe.calibration = before["calibration"] if before is not None else calibration_section(cfg, shrink.calibration)
