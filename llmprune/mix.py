@@ -333,8 +333,9 @@ def measure(cfg: PruneConfig, source: Source, device: torch.device, units: dict[
     layer's removal damages relative to it."""
     grid = {k: grid_counts(u[0].per_block) for k, u in units.items()}
     acts = _calibrated_activations(cfg, source, device)
-    for layer in stream_layers(source.checkpoint, source.layout, device, desc="final norms", progress=progress):
-        acts.advance(layer.module(), layer.index)
+    with torch.no_grad():  # else autograd keeps every layer's activations alive
+        for layer in stream_layers(source.checkpoint, source.layout, device, desc="final norms", progress=progress):
+            acts.advance(layer.module(), layer.index)
     final = [acts.chunk(i).float().norm(dim=-1, keepdim=True).clamp_min(1e-6).reciprocal().cpu()
              for i in range(len(acts.hidden))]
     del acts

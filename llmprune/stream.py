@@ -294,6 +294,7 @@ class Activations:
         """The layer's outputs for every chunk, in memory on the store (the CPU when it spills)."""
         return [out.to(self.store) for out in self.each_output(module, index)]
 
+    @torch.no_grad()
     def advance(self, module: nn.Module, index: int) -> None:
         old, self.generation = self.hidden, self.generation + 1
         new = []

@@ -100,7 +100,7 @@ def main() -> None:
     p.add_argument("--json", default="eval/finetune.json")
     args = p.parse_args()
     for mode in FINETUNE:
-        if getattr(args, mode):
+        if getattr(args, mode, None):
             FINETUNE[mode] = shlex.split(getattr(args, mode))
 
     work = Path(args.work)
