@@ -137,12 +137,7 @@ class MixShrink(Shrink):
                 "search": self.search, "influence": self.influence}
 
     def summary(self, specs_in: list[TensorSpec], specs_out: list[TensorSpec]) -> dict:
-        out = {
-            "pattern": self.kind, "ratio": self.ratio, "importance": self.importance,
-            "config": {k: {"before": self.before.get(k), "after": v} for k, v in self.values.items()},
-            "parameters": {"before": sum(math.prod(s.shape) for s in specs_in),
-                           "after": sum(math.prod(s.shape) for s in specs_out)},
-        }
+        out = self.common_summary(specs_in, specs_out)
         out["mix"] = self.mix
         out["description"] = describe(self.mix)
         out["removed"] = {"layers": sorted(self.step.dropped),

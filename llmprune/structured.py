@@ -326,13 +326,17 @@ class Shrink:
         data = edit_config_json(self.layout.config, json.loads(path.read_text()), self.values)
         path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
-    def summary(self, specs_in: list[TensorSpec], specs_out: list[TensorSpec]) -> dict:
-        out = {
+    def common_summary(self, specs_in: list[TensorSpec], specs_out: list[TensorSpec]) -> dict:
+        """llmprune.json's "structured" keys every kind shares: pattern, ratio, importance, config, parameters."""
+        return {
             "pattern": self.kind, "ratio": self.ratio, "importance": self.importance,
             "config": {k: {"before": self.before.get(k), "after": v} for k, v in self.values.items()},
             "parameters": {"before": sum(math.prod(s.shape) for s in specs_in),
                            "after": sum(math.prod(s.shape) for s in specs_out)},
         }
+
+    def summary(self, specs_in: list[TensorSpec], specs_out: list[TensorSpec]) -> dict:
+        out = self.common_summary(specs_in, specs_out)
         if isinstance(self.step, LayerDropStep):
             out["removed"] = sorted(self.step.dropped)
             out["block_influence"] = self.influence

@@ -135,11 +135,9 @@ def test_calibrated_methods_prune_experts(root, tmp_path, family, method):
     assert torch.isfinite(logits).all()
 
 
-def test_wanda_scores_each_expert_by_its_routed_tokens(root, tmp_path):
-    """Layer 0's experts keep what Wanda keeps with the norms of the rows the router sent them."""
-    from llmprune.criteria import wanda
-    from llmprune.masks import Pattern
-
+def routed_first_layer(root):
+    """A tiny Qwen3-MoE, 4 calibration windows, its first layer's module and MoE block, and the rows
+    the router sent to each expert of that layer."""
     folder = tiny("qwen3_moe", root)
     ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(3))
     src = open_source(str(folder))
@@ -150,6 +148,15 @@ def test_wanda_scores_each_expert_by_its_routed_tokens(root, tmp_path):
     (block,) = find_moe(module)
     with record_routing(module, block) as seen:
         acts.forward(module, 0)
+    return folder, ids, module, block, seen
+
+
+def test_wanda_scores_each_expert_by_its_routed_tokens(root, tmp_path):
+    """Layer 0's experts keep what Wanda keeps with the norms of the rows the router sent them."""
+    from llmprune.criteria import wanda
+    from llmprune.masks import Pattern
+
+    folder, ids, module, block, seen = routed_first_layer(root)
     cfg = PruneConfig(model=str(folder), output=str(tmp_path / "out"), method="wanda", sparsity=0.5)
     prune(cfg, progress=False, calib_ids=ids)
     after = tensors(tmp_path / "out")
@@ -169,16 +176,7 @@ def test_moe_calibration_all_scores_every_expert_by_every_token(root, tmp_path):
     from llmprune.criteria import wanda
     from llmprune.masks import Pattern
 
-    folder = tiny("qwen3_moe", root)
-    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(3))
-    src = open_source(str(folder))
-    acts = Activations(ModelWithoutLayers(src.layout, src.checkpoint.read, torch.device("cpu")), ids, 4,
-                       torch.device("cpu"))
-    layer = next(layers(src.checkpoint, src.layout, torch.device("cpu"), progress=False))
-    module = layer.module()
-    (block,) = find_moe(module)
-    with record_routing(module, block) as seen:
-        acts.forward(module, 0)
+    folder, ids, module, block, seen = routed_first_layer(root)
     every = torch.cat([torch.cat([r.rows for r in seen[e]]) for e in seen])  # each token k times (top-k)
     out = {}
     for mode in ("routed", "all"):

@@ -188,17 +188,23 @@ def test_block_influence_is_one_minus_mean_cosine(tokenized, calib_text, tmp_pat
     assert st["block_influence"] == pytest.approx(expected, abs=1e-5)
 
 
-def test_wanda_channels_rank_by_output_norm(tokenized, calib_text, tmp_path):
-    src, out = tokenized["llama"], tmp_path / "out"
-    assert run_cli(src, "--pattern", "channels", "--method", "wanda", "--sparsity", "0.25", "-o", out, "-q",
-                   "--calib-data", calib_text, *CALIB) == 0
+def first_mlp_inputs(src, out, calib_text):
+    """The dense and pruned models, the dense first layer's MLP, and the down projection's inputs on
+    the calibration windows, (tokens, 128)."""
     reference, pruned = load(src), load(out)
     mlp, inputs = decoder_layers(reference)[0].mlp, []
     hook = mlp.down_proj.register_forward_hook(lambda m, args, output: inputs.append(args[0]))
     with torch.no_grad():
         reference(calibration_windows(src, calib_text))
     hook.remove()
-    x = torch.cat([t.reshape(-1, 128) for t in inputs])
+    return reference, pruned, mlp, torch.cat([t.reshape(-1, 128) for t in inputs])
+
+
+def test_wanda_channels_rank_by_output_norm(tokenized, calib_text, tmp_path):
+    src, out = tokenized["llama"], tmp_path / "out"
+    assert run_cli(src, "--pattern", "channels", "--method", "wanda", "--sparsity", "0.25", "-o", out, "-q",
+                   "--calib-data", calib_text, *CALIB) == 0
+    reference, pruned, mlp, x = first_mlp_inputs(src, out, calib_text)
     # channel j's output over all tokens is the rank-one down[:, j] x_j: its norm is the product of norms
     scores = mlp.down_proj.weight.norm(dim=0) * x.norm(dim=0)
     kept = matches(mlp.gate_proj.weight, decoder_layers(pruned)[0].mlp.gate_proj.weight, 1)
@@ -211,13 +217,8 @@ def test_flap_channels_rank_by_fluctuation(tokenized, calib_text, tmp_path):
     src, out = tokenized["llama"], tmp_path / "out"
     assert run_cli(src, "--pattern", "channels", "--method", "flap", "--sparsity", "0.25", "--no-reconstruct",
                    "-o", out, "-q", "--calib-data", calib_text, *CALIB) == 0
-    reference, pruned = load(src), load(out)
-    mlp, inputs = decoder_layers(reference)[0].mlp, []
-    hook = mlp.down_proj.register_forward_hook(lambda m, args, output: inputs.append(args[0]))
-    with torch.no_grad():
-        reference(calibration_windows(src, calib_text))
-    hook.remove()
-    x = torch.cat([t.reshape(-1, 128) for t in inputs]).double()
+    reference, pruned, mlp, x = first_mlp_inputs(src, out, calib_text)
+    x = x.double()
     # FLAP: the variance of channel j's input over the tokens times the squared norm of down[:, j]
     scores = x.var(dim=0, unbiased=False) * mlp.down_proj.weight.double().square().sum(0)
     kept = matches(mlp.gate_proj.weight, decoder_layers(pruned)[0].mlp.gate_proj.weight, 1)
