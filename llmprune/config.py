@@ -115,7 +115,7 @@ class PruneConfig(Options):
     method: str = "magnitude"
     pattern: str = "unstructured"
     # structured: the parameter count to reach, a fraction of the input's ("0.8") or a count ("1.5B");
-    # the mix of --pattern's kinds (default channels, heads and layers) is chosen from calibration damage
+    # the mix of --pattern's kinds (default channels and heads) is chosen from calibration damage
     target_params: str | float | None = None
     norm: str = "l1"
     ratios: str | None = None  # a rules file
@@ -502,7 +502,10 @@ class SensitivityConfig(Options):
 
 
 MOE_CALIBRATION = ("routed", "all")
-TARGET_KINDS = ("channels", "heads", "layers")  # what --target-params mixes unless --pattern names kinds
+# What --target-params mixes unless --pattern names kinds. Not layers: the damage a dropped layer does
+# is not comparable with a re-fitted readout's (on SmolLM2 at 90% of the parameters, mixes that dropped
+# layers measured 38.3 perplexity against 27.9 for channels alone at 88%); name them to mix them.
+TARGET_KINDS = ("channels", "heads")
 _COUNT_SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
 
 
