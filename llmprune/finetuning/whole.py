@@ -69,12 +69,9 @@ def model_experts(layout) -> dict[str, list[str]]:
     for i in range(layout.num_layers):
         prefix = layout.layer_prefix(i)
         for expert in layout.expert_matrices(i):
-            weight = expert.matrix.weight
-            param = expert.matrix.param
-            if prefix + param not in out:
-                biases = weight.bias_params() if weight.fused else (
-                    [f"{weight.container}.{weight.expert_keys[expert.matrix.expert]}.{weight.bias}"] if weight.bias else [])
-                out[prefix + param] = [prefix + b for b in biases]
+            weight, e = expert.matrix.weight, expert.matrix.expert
+            biases = weight.bias_params() if weight.fused else weight.bias_params()[e:e + 1]  # this expert's
+            out.setdefault(prefix + expert.matrix.param, [prefix + b for b in biases])
     return out
 
 
