@@ -59,7 +59,7 @@ def run(cmd: list[str], log: list[dict]) -> float:
 
 
 def perplexity(folder: str, out: Path, args: argparse.Namespace, log: list[dict]) -> dict:
-    path = out.with_suffix(".eval.json")
+    path = out.with_name(out.name + ".eval.json")  # not with_suffix: "target-0.8" has a dot
     if not (args.reuse and path.is_file()):
         run(["llmprune", "eval", folder, "--data", "sotu", "--seqlen", str(args.eval_seqlen), "--max-windows",
              str(args.eval_windows), "--device", "cpu", "--json", str(path), "-q"], log)
