@@ -61,7 +61,16 @@ ROWS = [  # (label, tool, method, pattern, sparsity, extra flags), in running or
     ("wanda 70% uniform", "llmprune", "wanda", "unstructured", 0.7, []),
     ("wanda 70% owl", "llmprune", "wanda", "unstructured", 0.7, ["--ratios", "owl"]),
     ("sparsegpt 2:4", "llmprune", "sparsegpt", "2:4", None, []),
-    ("sparsegpt 2:4", "llmcompressor", "sparsegpt", "2:4", None, []),  # the peer's longest run: last
+    ("sparsegpt 2:4", "llmcompressor", "sparsegpt", "2:4", None, []),  # the peer's longest run
+    # the ADMM weight update against SparseGPT at 50-70% and 2:4 (criteria/admm.py, its default options)
+    ("admm 50%", "llmprune", "admm", "unstructured", 0.5, []),
+    ("admm 2:4", "llmprune", "admm", "2:4", None, []),
+    ("sparsegpt 60%", "llmprune", "sparsegpt", "unstructured", 0.6, []),
+    ("sparsegpt 60%", "llmcompressor", "sparsegpt", "unstructured", 0.6, []),
+    ("admm 60%", "llmprune", "admm", "unstructured", 0.6, []),
+    ("sparsegpt 70%", "llmprune", "sparsegpt", "unstructured", 0.7, []),
+    ("sparsegpt 70%", "llmcompressor", "sparsegpt", "unstructured", 0.7, []),
+    ("admm 70%", "llmprune", "admm", "unstructured", 0.7, []),
 ]
 
 
@@ -73,7 +82,8 @@ def prune_command(label: str, tool: str, method: str, pattern: str, sparsity: fl
                   out: Path, calib: Path, model: Path, seed: int = CALIB["seed"]) -> list[str]:
     if tool == "llmcompressor":
         return [str(ROOT / ".venv-peer" / "bin" / "python"), str(ROOT / "scripts" / "peer_llmcompressor.py"),
-                "--model", str(model), "--method", method, "--pattern", pattern, "--sparsity", "0.5",
+                "--model", str(model), "--method", method, "--pattern", pattern,
+                "--sparsity", str(0.5 if sparsity is None else sparsity),
                 "--calib", str(calib), "--output", str(out)]
     cmd = [sys.executable, "-m", "llmprune.cli", "packaged:smollm2", "--method", method, "--pattern", pattern,
            *calib_flags(seed), "-o", str(out), "--overwrite", "-q", *extra]
