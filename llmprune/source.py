@@ -16,8 +16,8 @@ import torch
 from . import ratios
 from .arch import Layout, context_length, layout_of, load_config
 from .checkpoint import Checkpoint, resolve
-from .errors import LlmpruneError, one_line
 from .conversion import LayerPlan, conversion_rules, layer_rules, plan_layer, prefix_renamings, rename
+from .errors import LlmpruneError, one_line
 from .experts import UP, Expert, find_moe, uncovered_weights
 from .hubstream import HubCheckpoint
 from .packaged import resolve_packaged

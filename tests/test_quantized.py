@@ -167,3 +167,124 @@ def test_mxfp4_reader_presents_plain_weights(mxfp4):
     state = reference.state_dict()
     assert set(names) == set(state)
     assert all(torch.equal(checkpoint.read(n), state[n]) for n in names)
+
+
+# --- pruning, evaluation and inspection through the reader ----------------------------------------
+
+def check_plain_output(out: Path, source: Path, dequantized: str) -> dict[str, torch.Tensor]:
+    """``out`` is an ordinary bfloat16 checkpoint of the input's plain names, says what was
+    dequantized, and reloads with plain transformers; returns its tensors."""
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "bfloat16"
+    state = tensors(out)
+    assert set(state) == set(Checkpoint(source).names)
+    assert {t.dtype for t in state.values()} == {torch.bfloat16}
+    assert json.loads((out / "llmprune.json").read_text())["input"]["dequantized"] == dequantized
+    assert f"{dequantized[0].upper()}{dequantized[1:]} on read" in (out / "README.md").read_text()
+    assert torch.isfinite(logits(AutoModelForCausalLM.from_pretrained(out))).all()
+    return state
+
+
+def check_pruned(state: dict[str, torch.Tensor], source: Path, names: list[str], sparsity: float) -> None:
+    """Each pruned matrix keeps the dequantized input's values where it keeps any, at ``sparsity``."""
+    checkpoint = Checkpoint(source)
+    for name in names:
+        kept = state[name] != 0
+        assert torch.equal(state[name], checkpoint.read(name) * kept), name
+        assert 1 - kept.float().mean().item() == pytest.approx(sparsity, abs=1e-6), name
+
+
+@pytest.mark.parametrize("args", [["--sparsity", "0.5"], ["--pattern", "2:4"]])
+def test_fp8_magnitude_prunes_into_a_plain_checkpoint(fp8, tmp_path, args):
+    assert run_cli(fp8, *args, "-o", tmp_path / "out", "-q") == 0
+    state = check_plain_output(tmp_path / "out", fp8, "input FP8 (block 32x32) dequantized to bfloat16")
+    linears = [n for n in state if ".layers." in n and n.endswith(FP8_LINEARS)]
+    assert len(linears) == 14
+    check_pruned(state, fp8, linears, 0.5)
+
+
+def test_fp8_wanda(fp8, tmp_path):
+    cfg = PruneConfig(model=str(fp8), output=str(tmp_path / "out"), method="wanda", sparsity=0.5)
+    prune(cfg, progress=False, calib_ids=IDS)
+    state = check_plain_output(tmp_path / "out", fp8, "input FP8 (block 32x32) dequantized to bfloat16")
+    check_pruned(state, fp8, [n for n in state if ".layers." in n and n.endswith(FP8_LINEARS)], 0.5)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_mxfp4_experts_prune_into_a_plain_checkpoint(mxfp4, tmp_path, method):
+    cfg = PruneConfig(model=str(mxfp4), output=str(tmp_path / "out"), method=method, sparsity=0.5)
+    prune(cfg, progress=False, calib_ids=IDS)
+    state = check_plain_output(tmp_path / "out", mxfp4,
+                               "input MXFP4 (E2M1, 32-value blocks with E8M0 scales) dequantized to bfloat16")
+    experts = [n for n in state if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert len(experts) == 4
+    checkpoint = Checkpoint(mxfp4)
+    for name in experts:  # every expert matrix at 50%, each kept weight the dequantized input's
+        kept = state[name] != 0
+        assert torch.equal(state[name], checkpoint.read(name) * kept), name
+        assert kept.float().mean(dim=(1, 2)).tolist() == [0.5] * 4, name
+
+
+@pytest.mark.parametrize("kind", ["fp8", "mxfp4"])
+def test_output_gives_transformers_dequantized_logits(fp8, mxfp4, tmp_path, kind):
+    """Nothing pruned: the output is the input as transformers dequantizes it, logits bit for bit."""
+    source, option = (fp8, FineGrainedFP8Config(dequantize=True)) if kind == "fp8" else \
+        (mxfp4, Mxfp4Config(dequantize=True))
+    assert run_cli(source, "--sparsity", "0", "-o", tmp_path / "out", "-q") == 0
+    reference = AutoModelForCausalLM.from_pretrained(source, quantization_config=option)
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out")), logits(reference))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_eval_reads_the_quantized_input(fp8, tmp_path, stream):
+    assert run_cli(fp8, "--sparsity", "0", "-o", tmp_path / "plain", "-q") == 0
+    quant = evaluate(str(fp8), windows=IDS, stream=stream, batch_size=2, progress=False)
+    plain = evaluate(str(tmp_path / "plain"), windows=IDS, stream=stream, batch_size=2, progress=False)
+    assert quant.perplexity == plain.perplexity
+
+
+def test_inspect_reads_the_quantized_input(mxfp4, capsys):
+    capsys.readouterr()
+    assert run_cli("inspect", mxfp4, "--json", "-q") == 0
+    rows = {m["name"]: m for m in json.loads(capsys.readouterr().out)["matrices"]}
+    assert rows["model.layers.1.mlp.experts.gate_up_proj[3].up"]["shape"] == [64, 32]
+
+
+# --- refused ----------------------------------------------------------------------------------------
+
+READS = "llmprune dequantizes only FP8 block-scaled ('fp8') and MXFP4 ('mxfp4') inputs"
+
+
+@pytest.mark.parametrize("quantization, error", [
+    ({"quant_method": "gptq", "bits": 4}, "GPTQ quantized weights (quant_method 'gptq') cannot be read; " + READS),
+    ({"quant_method": "awq", "bits": 4}, "AWQ quantized weights (quant_method 'awq') cannot be read; " + READS),
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True},
+     "bitsandbytes 4-bit quantized weights (quant_method 'bitsandbytes') cannot be read; " + READS),
+    ({"quant_method": "compressed-tensors", "format": "pack-quantized"},
+     "compressed-tensors pack-quantized quantized weights (quant_method 'compressed-tensors') cannot be read; " + READS),
+    ({"quant_method": "fp8", "activation_scheme": "static"},
+     "FP8 with static activation scales (activation_scheme 'static') cannot be read; llmprune dequantizes FP8 with "
+     "float block scales and dynamic activations only"),
+])
+def test_other_formats_refused_by_name(tiny_models, tmp_path, capsys, quantization, error):
+    folder = tmp_path / "quantized"
+    folder.mkdir()
+    for file in tiny_models["llama"].iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": quantization}))
+    expect_error(capsys, tmp_path, [folder, "--sparsity", "0.5"], f"llmprune: error: {folder / 'config.json'}: {error}")
+    assert run_cli("inspect", folder, "-q") == 2
+
+
+def test_fp8_weight_without_its_scale_refused(fp8, tmp_path, capsys):
+    folder = tmp_path / "fp8"
+    folder.mkdir()
+    for file in fp8.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    state = tensors(folder)
+    del state["model.layers.0.self_attn.q_proj.weight_scale_inv"]
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    expect_error(capsys, tmp_path, [folder, "--sparsity", "0.5"],
+                 "model.layers.0.self_attn.q_proj.weight is stored as float8_e4m3fn without "
+                 "model.layers.0.self_attn.q_proj.weight_scale_inv: its scale is missing")
