@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, FineGrainedFP8Config,
 
 from llmprune import quantized
 from llmprune.checkpoint import Checkpoint
+from llmprune.cli.summaries import summary
 from llmprune.config import PruneConfig
 from llmprune.perplexity import evaluate
 from llmprune.pruning import prune
@@ -205,7 +206,8 @@ def test_fp8_magnitude_prunes_into_a_plain_checkpoint(fp8, tmp_path, args):
 
 def test_fp8_wanda(fp8, tmp_path):
     cfg = PruneConfig(model=str(fp8), output=str(tmp_path / "out"), method="wanda", sparsity=0.5)
-    prune(cfg, progress=False, calib_ids=IDS)
+    recipe = prune(cfg, progress=False, calib_ids=IDS)
+    assert "input  FP8 (block 32x32) dequantized to bfloat16\n" in summary(recipe)
     state = check_plain_output(tmp_path / "out", fp8, "input FP8 (block 32x32) dequantized to bfloat16")
     check_pruned(state, fp8, [n for n in state if ".layers." in n and n.endswith(FP8_LINEARS)], 0.5)
 
