@@ -66,6 +66,22 @@ def fp8_checkpoint(folder: Path, block: tuple[int, int] = (32, 32)) -> Path:
                                    "activation_scheme": "dynamic"})
 
 
+def fp8_moe_checkpoint(folder: Path) -> Path:
+    """A tiny bfloat16 Qwen3-MoE, experts stored one tensor per expert, every decoder linear
+    (attention and each expert's gate/up/down) FP8 in 8 x 8 blocks, as DeepSeek-V3 ships them."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("qwen3_moe", **MOE_FAMILIES["qwen3_moe"])
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder)
+    state = {}
+    for name, t in tensors(folder).items():
+        if ".layers." in name and name.endswith(FP8_LINEARS):
+            state[name], state[name + "_scale_inv"] = quantize_fp8(t, (8, 8))
+        else:
+            state[name] = t
+    return rewrite(folder, state, {"quant_method": "fp8", "weight_block_size": [8, 8],
+                                   "modules_to_not_convert": ["lm_head", "mlp.gate"]})
+
+
 def mxfp4_checkpoint(folder: Path) -> Path:
     """A tiny bfloat16 gpt-oss whose experts are stored as MXFP4: random E2M1 codes (every byte is
     two valid values) and E8M0 exponents around 2**0."""
@@ -90,6 +106,11 @@ def mxfp4_checkpoint(folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def fp8(tmp_path_factory) -> Path:
     return fp8_checkpoint(tmp_path_factory.mktemp("fp8") / "llama")
+
+
+@pytest.fixture(scope="module")
+def fp8_moe(tmp_path_factory) -> Path:
+    return fp8_moe_checkpoint(tmp_path_factory.mktemp("fp8moe") / "qwen3_moe")
 
 
 @pytest.fixture(scope="module")
@@ -227,11 +248,21 @@ def test_mxfp4_experts_prune_into_a_plain_checkpoint(mxfp4, tmp_path, method):
         assert kept.float().mean(dim=(1, 2)).tolist() == [0.5] * 4, name
 
 
-@pytest.mark.parametrize("kind", ["fp8", "mxfp4"])
-def test_output_gives_transformers_dequantized_logits(fp8, mxfp4, tmp_path, kind):
+def test_fp8_experts_prune_per_expert(fp8_moe, tmp_path):
+    """DeepSeek-V3's layout: FP8 experts one tensor each, fused in memory, written back one each."""
+    assert run_cli(fp8_moe, "--pattern", "2:4", "-o", tmp_path / "out", "-q") == 0
+    state = check_plain_output(tmp_path / "out", fp8_moe, "input FP8 (block 8x8) dequantized to bfloat16")
+    experts = [n for n in state if ".experts." in n]
+    assert len(experts) == 2 * 4 * 3 and "model.layers.1.mlp.experts.3.up_proj.weight" in experts
+    check_pruned(state, fp8_moe, experts, 0.5)
+
+
+@pytest.mark.parametrize("kind", ["fp8", "fp8_moe", "mxfp4"])
+def test_output_gives_transformers_dequantized_logits(fp8, fp8_moe, mxfp4, tmp_path, kind):
     """Nothing pruned: the output is the input as transformers dequantizes it, logits bit for bit."""
-    source, option = (fp8, FineGrainedFP8Config(dequantize=True)) if kind == "fp8" else \
-        (mxfp4, Mxfp4Config(dequantize=True))
+    source, option = {"fp8": (fp8, FineGrainedFP8Config(dequantize=True)),
+                      "fp8_moe": (fp8_moe, FineGrainedFP8Config(dequantize=True)),
+                      "mxfp4": (mxfp4, Mxfp4Config(dequantize=True))}[kind]
     assert run_cli(source, "--sparsity", "0", "-o", tmp_path / "out", "-q") == 0
     reference = AutoModelForCausalLM.from_pretrained(source, quantization_config=option)
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out")), logits(reference))
