@@ -186,6 +186,14 @@ def _loading_section(recipe: dict) -> list[str]:
     ]
 
 
+def _dequantized(recipe: dict) -> list[str]:
+    """A quantized input's line (FP8, MXFP4): what was dequantized, and that the output is not quantized."""
+    line = (recipe.get("input") or {}).get("dequantized")
+    if not line:
+        return []
+    return ["", f"{line[0].upper()}{line[1:]} on read; these weights are not quantized."]
+
+
 def _intro(recipe: dict, source: str, link: str, overall: float) -> list[str]:
     cfg = recipe["config"]
     by = f"[llmprune](https://pypi.org/project/llmprune/) ({cfg['method']}, {cfg['pattern']})"
@@ -236,6 +244,7 @@ def model_card(recipe: dict, base_model: str | None, input_meta: dict) -> str:
     lines = [
         f"---\n{front}\n---",
         *_intro(recipe, source, link, overall),
+        *_dequantized(recipe),
         "",
         *_loading_section(recipe),
         "## Recipe",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import sparse
+from . import quantized, sparse
 from .errors import LlmpruneError
 
 log = logging.getLogger(__name__)
@@ -174,10 +174,20 @@ class Checkpoint:
         self._name_tensors()
 
     def _name_tensors(self) -> None:
-        """The names the model sees over the located tensors: compressed matrices under their dense names."""
+        """The names the model sees over the located tensors: compressed matrices under their dense
+        names, quantized weights under their plain names (their scales hidden)."""
         self.compressed = self._compressed_specs(sparse.folder_compressed_names(self.folder))
+        self.quantization = quantized.folder_format(self.folder)
+        self.quantized = {} if self.quantization is None else quantized.plan(
+            self.quantization, {n: (s.entries[n][0].dtype, s.entries[n][0].shape) for n, s in self.location.items()})
         self._names = self._logical_names()
         self._name_set = set(self._names)
+
+    @property
+    def dequantized(self) -> str | None:
+        """What reading dequantizes, e.g. "input FP8 (block 128x128) dequantized to bfloat16"; None
+        when nothing is quantized."""
+        return self.quantization.summary if self.quantized else None
 
     def _locate(self, weight_map: dict[str, str] | None) -> dict[str, Shard]:
         """Tensor name -> shard, in the index's order (which the output's layout follows)."""
@@ -210,14 +220,13 @@ class Checkpoint:
         return specs
 
     def _logical_names(self) -> list[str]:
-        """Tensor names as the model sees them: each compressed matrix once, in place of its parts."""
+        """Tensor names as the model sees them: each compressed matrix or quantized weight once, in
+        place of its parts (where its bitmask, or its quantized values, are stored)."""
         parts = {stored: name for name in self.compressed for stored in sparse.part_names(name).values()}
-        names: list[str] = []
-        for stored in self.location:
-            name = parts.get(stored, stored)
-            if name not in self.compressed or stored == sparse.part_names(name)["bitmask"]:
-                names.append(name)
-        return names
+        parts.update({stored: q.name for q in self.quantized.values() for stored in (q.values, q.scales)})
+        first = {sparse.part_names(name)["bitmask"] for name in self.compressed}
+        first.update(q.values for q in self.quantized.values())
+        return [parts.get(stored, stored) for stored in self.location if stored not in parts or stored in first]
 
     @property
     def names(self) -> list[str]:
@@ -230,13 +239,20 @@ class Checkpoint:
     def spec(self, name: str) -> TensorSpec:
         if name in self.compressed:
             return self.compressed[name]
+        if name in self.quantized:
+            return TensorSpec(name, self.quantization.dtype, self.quantized[name].shape)
         return self.location[name].entries[name][0]
 
     def read(self, name: str) -> torch.Tensor:
-        """The tensor ``name``; a compressed matrix comes back dense, bit-identical to what was saved."""
+        """The tensor ``name``; a compressed matrix comes back dense, bit-identical to what was saved,
+        a quantized weight dequantized to the compute dtype."""
         if name in self.compressed:
             parts = {part: self.location[stored].read(stored) for part, stored in sparse.part_names(name).items()}
             return sparse.decompress(parts, name)
+        if name in self.quantized:
+            q = self.quantized[name]
+            return quantized.dequantize(self.quantization, self.location[q.values].read(q.values),
+                                        self.location[q.scales].read(q.scales))
         return self.location[name].read(name)
 
     @property

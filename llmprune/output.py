@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 from transformers import GenerationConfig, PretrainedConfig
 
-from . import sparse
+from . import quantized, sparse
 from .claims import OutputClaim
 from .errors import LlmpruneError
 from .shards import ShardWriter, SparseShardWriter
@@ -103,12 +103,13 @@ def replace_folder(tmp: Path, output: Path) -> None:
 def copy_aux_files(src: Path, dst: Path, model_config: PretrainedConfig, dtype: torch.dtype | None,
                    compressed: list[str] | None = None) -> None:
     """Tokenizer, generation config and other small files; config.json with the output dtype and,
-    for a sparse-bitmask output, the format and its ``compressed`` matrices (llmprune.sparse)."""
+    for a sparse-bitmask output, the format and its ``compressed`` matrices (llmprune.sparse). An
+    FP8 or MXFP4 input's quantization_config is left out: its weights were dequantized on read."""
     for path in src.iterdir():
         if path.is_file() and not path.name.endswith(_NOT_COPIED) and path.name not in _REPLACED \
                 and not path.name.startswith("."):
             shutil.copy2(path, dst / path.name)
-    config = sparse.dense_config(json.loads((src / "config.json").read_text()))
+    config = quantized.plain_config(sparse.dense_config(json.loads((src / "config.json").read_text())))
     if compressed:
         config.update(sparse.format_config(compressed))
     if dtype is not None:

@@ -30,7 +30,7 @@ from .plots import sparsity_chart
 from .recipe import Recipe, peak_rss_mb, save_summary, sparsity_summary, versions
 from .shards import make_writer
 from .sizing import activation_store, layer_needs
-from .source import Source, fused_experts, group_names, open_source
+from .source import Source, fused_experts, group_names, input_record, open_source
 from .steps import make_step, plan_sparsity
 from .stream import Activations, Step, output_specs, run
 
@@ -263,7 +263,7 @@ def record_run(recipe: Recipe, cfg: PruneConfig, source: Source, plan: Plan, spe
     """Everything llmprune.json says about the run beyond what the steps recorded."""
     recipe.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     recipe.command = command
-    recipe.input = {**source.info, "shards": source.checkpoint.fingerprint()}
+    recipe.input = input_record(source)
     recipe.config = cfg.to_dict()
     recipe.versions = versions()
     recipe.device = str(device)

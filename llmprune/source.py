@@ -16,15 +16,16 @@ import torch
 from . import ratios
 from .arch import Layout, context_length, layout_of, load_config
 from .checkpoint import Checkpoint, resolve
-from .errors import LlmpruneError, one_line
 from .conversion import LayerPlan, conversion_rules, layer_rules, plan_layer, prefix_renamings, rename
+from .errors import LlmpruneError, one_line
 from .experts import UP, Expert, find_moe, uncovered_weights
 from .hubstream import HubCheckpoint
 from .packaged import resolve_packaged
 
 log = logging.getLogger(__name__)
 
-# Tensor name endings of quantized formats, whose stored weights cannot be pruned as they are
+# Tensor name endings of quantized formats: left after the reader dequantized what config.json
+# declares, they are quantized bytes without a format to read them by
 QUANTIZED = {"weight_scale_inv": "FP8 block-quantized (weight_scale_inv)", "_blocks": "MXFP4 (_blocks/_scales)",
              "_scales": "MXFP4 (_blocks/_scales)"}
 
@@ -68,6 +69,8 @@ def open_source(model: str, revision: str | None = None, stream_from_hub: bool =
         checkpoint = HubCheckpoint(folder, model, info["commit"])
     else:
         checkpoint = Checkpoint(folder)
+    if checkpoint.dequantized:
+        log.info("%s on read", checkpoint.dequantized)
     layout = layout_of(load_config(str(folder)))
     names = set(checkpoint.names)
     renamings = prefix_renamings(conversion_rules(layout.skeleton))
@@ -96,7 +99,8 @@ def match_experts(layout: Layout, names: Iterable[str]) -> None:
             per_layer[index].append(name)
             for ending, fmt in QUANTIZED.items():
                 if name.endswith(ending):
-                    raise LlmpruneError(f"{name}: {fmt} quantized checkpoints cannot be pruned; dequantize them first")
+                    raise LlmpruneError(f"{name}: {fmt} tensors, but config.json declares no quantization_config "
+                                        "that reads them; dequantize the checkpoint first")
     layout.moe = [find_moe(layout.layer_module(i)) for i in range(layout.num_layers)]
     for index, blocks in enumerate(layout.moe):
         never = {n for block in blocks for n in block.never_prune()}
@@ -216,6 +220,14 @@ def stored_dtype(source: Source) -> torch.dtype:
     floats = [source.checkpoint.spec(n) for n in source.checkpoint.names
               if source.checkpoint.spec(n).dtype.is_floating_point]
     return max(floats, key=lambda s: s.nbytes).dtype if floats else torch.float32
+
+
+def input_record(source: Source) -> dict:
+    """llmprune.json's "input": where it came from, its shards, and what reading it dequantized."""
+    record = {**source.info, "shards": source.checkpoint.fingerprint()}
+    if source.checkpoint.dequantized:
+        record["dequantized"] = source.checkpoint.dequantized
+    return record
 
 
 def input_identity(source: Source) -> dict:

@@ -239,7 +239,7 @@ def test_uncovered_weight_is_named(tmp_path, monkeypatch, caplog):
     assert torch.equal(tensors(tmp_path / "out")["model.layers.1.extra_proj"], tensors(folder)["model.layers.1.extra_proj"])
 
 
-def test_quantized_experts_refused(root, tmp_path, capsys):
+def test_scales_without_quantization_config_refused(root, tmp_path, capsys):
     folder = tmp_path / "fp8"
     shutil.copytree(tiny("mixtral", root), folder)
     state = tensors(folder)
@@ -247,7 +247,9 @@ def test_quantized_experts_refused(root, tmp_path, capsys):
     for file in folder.glob("*.safetensors"):
         file.unlink()
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-    expect_error(capsys, tmp_path, [folder, "--sparsity", "0.5"], "FP8")
+    expect_error(capsys, tmp_path, [folder, "--sparsity", "0.5"],
+                 "model.layers.0.block_sparse_moe.experts.0.w1.weight_scale_inv: FP8 block-quantized (weight_scale_inv) "
+                 "tensors, but config.json declares no quantization_config that reads them")
 
 
 def test_inspect_lists_expert_matrices(root, tmp_path, capsys):

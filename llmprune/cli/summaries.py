@@ -14,6 +14,8 @@ def summary(recipe: dict) -> str:
     cfg = recipe["config"]
     rows = [
         ("model", recipe["input"]["model"]),
+        *([("input", recipe["input"]["dequantized"].removeprefix("input "))] if recipe["input"].get("dequantized")
+          else []),
         ("method", f"{cfg['method']} ({cfg['pattern']})" if cfg["pattern"] == "experts"  # no weight norm involved
          else f"{cfg['method']} ({cfg['pattern'] if cfg.get('target_params') is None else 'target ' + str(cfg['target_params'])}, {cfg['norm']})"),
         ("matrices pruned", f"{sp['matrices_pruned']} in {len(layers)} decoder layers"),

@@ -59,6 +59,7 @@ from ..source import (
     Source,
     capped_seqlen,
     input_identity,
+    input_record,
     open_source,
     prunable_matrices,
     read_recipe,
@@ -286,7 +287,7 @@ def _windows_key(windows: torch.Tensor | None) -> str | None:
 def build_recipe(recipe_in: dict, source: Source, cfg: FinetuneConfig, section: dict, zeros: dict[str, int],
                  command: str | None) -> Recipe:
     """The input's recipe, its sparsity re-measured on the written weights, and a finetune section."""
-    identity = {**source.info, "shards": source.checkpoint.fingerprint()}
+    identity = input_record(source)
     recipe = Recipe.from_dict(recipe_in) if recipe_in else Recipe(input=identity)
     old = (recipe_in.get("sparsity") or {}).get("matrices") or {}
     targets = {}
