@@ -171,7 +171,26 @@ class Layout:
 
     def outside_language_model(self) -> dict[str, int]:
         """Sub-models beside the language model (a vision tower, a projector), by checkpoint name
-        prefix, with their parameter counts; empty for a text-only model. Never pruned."""
+        prefix, with their parameter counts; empty for a text-only model. Pruned only on request
+        (``outside_linears``)."""
+        return {self.checkpoint_name(path + ".").rstrip("."): sum(p.numel() for p in module.parameters())
+                for path, module in self._outside_parts().items()}
+
+    def outside_linears(self) -> list[tuple[Linear, str]]:
+        """The linears of the sub-models beside the language model (``outside_language_model``), each
+        named by its whole in-memory path, with its checkpoint weight name; patch convolutions,
+        embeddings, norms and bare parameters (Gemma 3's projection matrix) are not linears."""
+        out = []
+        for path, part in self._outside_parts().items():
+            for name, module in part.named_modules():
+                if _is_linear(module):
+                    linear = Linear(f"{path}.{name}", isinstance(module, Conv1D))
+                    out.append((linear, self.checkpoint_name(linear.weight)))
+        return out
+
+    def _outside_parts(self) -> dict[str, nn.Module]:
+        """The outermost modules holding none of the language model's or the head's parameters, by
+        in-memory path; empty for a text-only model."""
         if self.text_config is self.config:
             return {}
         language = _language_model_path(self.skeleton)
@@ -179,14 +198,14 @@ class Layout:
         keep = {id(p) for p in head.parameters()} if head is not None else set()
         if language is not None:
             keep |= {id(p) for p in self.skeleton.get_submodule(language).parameters()}
-        parts: dict[str, int] = {}
+        parts: dict[str, nn.Module] = {}
         for path, module in self.skeleton.named_modules():
             if not path or any(path.startswith(p + ".") for p in parts):
                 continue
             params = list(module.parameters())
             if params and not any(id(p) in keep for p in params):
-                parts[path] = sum(p.numel() for p in params)
-        return {self.checkpoint_name(path + ".").rstrip("."): n for path, n in parts.items()}
+                parts[path] = module
+        return parts
 
 
 def _differing_prefixes(disk: str, memory: str) -> tuple[str, str]:

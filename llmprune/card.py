@@ -222,6 +222,14 @@ def _intro(recipe: dict, source: str, link: str, overall: float) -> list[str]:
             f"zero by {by}. " + _storage_sentence(recipe)]
 
 
+def _vision_rows(vision: dict | None) -> list[str]:
+    """--prune-vision: the recipe table's row for the vision linears."""
+    if not vision:
+        return []
+    return [f"| vision linears | {vision['matrices_pruned']} of {', '.join(vision['parts'])} pruned by "
+            f"{vision['criterion']} ({vision['why']}), {vision['overall']:.4%} sparse |"]
+
+
 def model_card(recipe: dict, base_model: str | None, input_meta: dict) -> str:
     """README.md for an output folder: Hub metadata, the recipe, per-layer sparsity, the command."""
     cfg = recipe["config"]
@@ -264,6 +272,7 @@ def model_card(recipe: dict, base_model: str | None, input_meta: dict) -> str:
     lines += [
         f"| matrices pruned | {recipe['sparsity']['matrices_pruned']} |",
         f"| overall sparsity (pruned matrices) | {overall:.4%} |",
+        *_vision_rows(recipe["sparsity"].get("vision")),
         "",
         *_eval_section(recipe),
         *finetune_section(recipe),

@@ -20,7 +20,8 @@ EXPERT_SCORES = ("reap", "frequency")  # --pattern experts ranks experts by thes
 UNIT_ONLY_SCORES = ("flap",)  # structured channels/heads rank units by these, which prune no single weight
 
 
-LATER_OPTIONS = ("tokenizer",)
+# Options added after llmprune.json's format was fixed, with their defaults (see Options.to_dict)
+LATER_OPTIONS = {"tokenizer": None, "prune_vision": False}
 PATH_OPTIONS = ("ratios", "calib_data", "eval", "tokenizer", "data", "dense")  # values that may name local files
 # The fine-tune's training options, which the prune command takes prefixed --finetune-
 FINETUNE_TRAINING = ("steps", "mode", "data", "nsamples", "seqlen", "batch_size", "grad_accum", "lr", "warmup",
@@ -49,10 +50,10 @@ class Options:
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
-        # Options added after llmprune.json's format was fixed are recorded only when set, so a run
-        # that does not use them keeps its bytes and its resume key.
-        for name in LATER_OPTIONS:
-            if out.get(name, 0) is None:
+        # Options added after llmprune.json's format was fixed are recorded only when not at their
+        # default, so a run that does not use them keeps its bytes and its resume key.
+        for name, default in LATER_OPTIONS.items():
+            if name in out and out[name] is default:
                 del out[name]
         return out
 
@@ -153,6 +154,9 @@ class PruneConfig(Options):
     max_memory: str | None = None  # e.g. "cpu=8GB,cuda=20GB" or "20GB" (the execution device)
     stream_from_hub: bool = False  # download a Hub model's shards one at a time, deleting each once read
     tokenizer: str | None = None  # folder, Hub id or packaged name of the tokenizer (default: the model's)
+    # also prune the linears of a multimodal model's vision tower and projector (by magnitude: calibration
+    # text reaches only the language model)
+    prune_vision: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.finetune, dict):
@@ -182,6 +186,10 @@ class PruneConfig(Options):
             raise LlmpruneError("--sparsity is required (a number in [0, 1), e.g. 0.5)")
         if self.structured:
             check_options(self)
+        if self.prune_vision and self.structured:
+            what = "--target-params" if self.target_params is not None else f"--pattern {self.pattern}"
+            raise LlmpruneError(f"--prune-vision prunes single weights of the vision tower and projector: it takes an "
+                                f"unstructured or N:M --pattern, not {what}")
         if self.sparsity is not None:
             check_sparsity(self.sparsity, "--sparsity")
         if self.norm not in ("l1", "l2"):

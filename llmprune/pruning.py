@@ -27,7 +27,7 @@ from .finetuning.run import finetune
 from .output import check_output, copy_aux_files, default_output, replace_folder
 from .perplexity import evaluate, source_windows
 from .plots import sparsity_chart
-from .recipe import Recipe, peak_rss_mb, save_summary, sparsity_summary, versions
+from .recipe import Recipe, peak_rss_mb, save_summary, sparsity_summary, versions, vision_summary
 from .shards import make_writer
 from .sizing import activation_store, layer_needs
 from .source import Source, fused_experts, group_names, input_record, open_source
@@ -207,7 +207,12 @@ def prune(cfg: PruneConfig, command: str | None = None, progress: bool = True,
 
 
 def check_supported(cfg: PruneConfig, source: Source) -> None:
-    """Refuse, before anything is written, what would handle routed experts wrongly."""
+    """Refuse, before anything is written, what would handle routed experts wrongly, and
+    --prune-vision on a model with nothing to prune outside its language model."""
+    if cfg.prune_vision and not source.layout.outside_linears():
+        what = "no vision tower or projector" if not source.layout.outside_language_model() else \
+            "no linear layers in its vision tower or projector"
+        raise LlmpruneError(f"--prune-vision: {source.info.get('model', source.folder)} has {what}")
     experts = fused_experts(source)
     if cfg.parsed_pattern.kind == "experts":
         if not any(source.layout.moe):
@@ -267,7 +272,8 @@ def record_run(recipe: Recipe, cfg: PruneConfig, source: Source, plan: Plan, spe
     recipe.config = cfg.to_dict()
     recipe.versions = versions()
     recipe.device = str(device)
-    recipe.sparsity = sparsity_summary(source, plan.targets, plan.step.zeros)
+    vision = vision_summary(source, plan.targets, plan.step.zeros) if cfg.prune_vision else None
+    recipe.sparsity = sparsity_summary(source, plan.targets, plan.step.zeros, vision)
     recipe.save = save_summary(tmp, cfg.save_format, specs)
     if plan.shrink is not None:
         recipe.structured = plan.shrink.summary(output_specs(source.checkpoint, source.layout, cfg.torch_dtype),

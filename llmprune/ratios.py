@@ -30,7 +30,7 @@ class Matrix:
     """A prunable matrix as ratio assignment sees it."""
     name: str  # checkpoint tensor name
     numel: int
-    layer: int
+    layer: int | None  # decoder layer index; None outside the decoder layers (a vision tower's linears)
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,7 @@ def centred(matrices: list[Matrix], mean: float, offsets: dict[str, float]) -> d
 def assign(matrices: list[Matrix], sparsity: float, rules: list[Rule] | None = None,
            schedule: float | None = None, rules_source: str = "ratio file") -> dict[str, float]:
     """Sparsity for every prunable matrix: first matching rule, else schedule, else uniform.
+    Matrices outside the decoder layers (``layer`` None) follow the rules, else the uniform sparsity.
 
     A rule that matches no matrix is an error: it is almost always a typo.
     """
@@ -164,9 +165,8 @@ def assign(matrices: list[Matrix], sparsity: float, rules: list[Rule] | None = N
     if unused:
         raise LlmpruneError(f"{rules_source}: rule {unused[0]!r} matches no prunable matrix")
     if schedule:
-        chosen.update(linear_schedule(rest, sparsity, schedule))
-    else:
-        chosen.update({m.name: sparsity for m in rest})
+        chosen.update(linear_schedule([m for m in rest if m.layer is not None], sparsity, schedule))
+    chosen.update({m.name: sparsity for m in rest if m.name not in chosen})
     return chosen
 
 

@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from .checkpoint import TensorSpec
-from .source import Source, prunable_matrices
+from .source import Source, prunable_matrices, vision_matrices
 from .version import __version__
 
 
@@ -33,7 +33,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def sparsity_summary(source: Source, targets: dict[str, float], zeros: dict[str, int]) -> dict:
+def sparsity_summary(source: Source, targets: dict[str, float], zeros: dict[str, int],
+                     vision: dict | None = None) -> dict:
+    """The decoder linears' targets and zeros, matrix by matrix and layer by layer; a multimodal
+    model's parts beside the language model under ``not_pruned``, or under ``vision`` (its
+    ``vision_summary``) those whose linears --prune-vision pruned."""
     matrices = prunable_matrices(source)
     per_matrix, per_layer_num, per_layer_den = {}, [0] * source.layout.num_layers, [0] * source.layout.num_layers
     for m in matrices:
@@ -48,10 +52,32 @@ def sparsity_summary(source: Source, targets: dict[str, float], zeros: dict[str,
         "layers": [n / d if d else 0.0 for n, d in zip(per_layer_num, per_layer_den)],
         "matrices": per_matrix,
     }
-    outside = source.layout.outside_language_model()
+    if vision:
+        summary["vision"] = vision
+    pruned = set(vision["parts"]) if vision else set()
+    outside = {part: n for part, n in source.layout.outside_language_model().items() if part not in pruned}
     if outside:  # a multimodal model's vision tower and projector: parameters per part, written unchanged
         summary["not_pruned"] = outside
     return summary
+
+
+def vision_summary(source: Source, targets: dict[str, float], zeros: dict[str, int]) -> dict:
+    """--prune-vision: the linears outside the language model, matrix by matrix, all pruned by
+    magnitude, and the parts (checkpoint prefixes) they belong to."""
+    matrices = vision_matrices(source)
+    numel = sum(m.numel for m in matrices)
+    pruned = [m for m in matrices if targets.get(m.name, 0.0) > 0]
+    return {
+        "criterion": "magnitude",
+        "why": "calibration text reaches only the language model",
+        "parts": [part for part in source.layout.outside_language_model()
+                  if any(m.name.startswith(part + ".") for m in pruned)],
+        "overall": sum(zeros[m.name] for m in matrices) / numel,
+        "target_mean": sum(targets.get(m.name, 0.0) * m.numel for m in matrices) / numel,
+        "matrices_pruned": len(pruned),
+        "matrices": {m.name: {"target": targets.get(m.name, 0.0), "achieved": zeros[m.name] / m.numel,
+                              "numel": m.numel} for m in matrices},
+    }
 
 
 @dataclass

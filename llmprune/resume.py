@@ -173,7 +173,9 @@ class Journal:
 
         def capture(index: int) -> Callable[[], None]:
             snapshot = states.snapshot() if states is not None else None
-            zeros = {n: step.zeros[n] for n in names[index] if n in step.zeros}
+            # the tensors outside the layers (pruned with --prune-vision) are committed with layer 0
+            counted = names[index] + (outside if index == 0 else [])
+            zeros = {n: step.zeros[n] for n in counted if n in step.zeros}
             state = step.layer_state(index) if isinstance(step, ResumableStep) else None
 
             def commit() -> None:

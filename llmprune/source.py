@@ -78,7 +78,7 @@ def open_source(model: str, revision: str | None = None, stream_from_hub: bool =
     match_experts(layout, names)
     outside = layout.outside_language_model()
     if outside:
-        log.info("%s: outside the language model, never pruned",
+        log.info("%s: outside the language model, not pruned without --prune-vision",
                  ", ".join(f"{name} ({count:,} parameters)" for name, count in outside.items()))
     return Source(folder, info, checkpoint, layout, tokenizer)
 
@@ -179,6 +179,13 @@ def prunable_matrices(source: Source) -> list[ratios.Matrix]:
                 out.append(ratios.Matrix(name, math.prod(source.checkpoint.spec(name).shape), index))
         out.extend(ratios.Matrix(e.name, e.numel, index) for e in source.layout.expert_matrices(index))
     return out
+
+
+def vision_matrices(source: Source) -> list[ratios.Matrix]:
+    """The linears outside the language model (a vision tower's, a projector's), as ``--prune-vision``
+    prunes them; empty for a text-only model."""
+    return [ratios.Matrix(name, math.prod(source.checkpoint.spec(name).shape), None)
+            for _, name in source.layout.outside_linears() if name in source.checkpoint]
 
 
 def capped_seqlen(source: Source, seqlen: int) -> int:

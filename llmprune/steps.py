@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import criteria, ratios, resume
-from .arch import ModelWithoutLayers, as_out_in
+from .arch import Linear, ModelWithoutLayers, as_out_in
 from .calibrate import calibration, collect_stats, input_groups
 from .config import PruneConfig
 from .criteria import magnitude, wanda
@@ -31,7 +31,7 @@ from .errors import LlmpruneError
 from .experts import GATE, UP, ExpertMatrix, ExpertWeight, MoeBlock, gated_activation, routing_hook
 from .masks import Pattern
 from .sizing import calibration_batch
-from .source import Source, prunable_matrices
+from .source import Source, prunable_matrices, vision_matrices
 from .stream import Activations, Layer
 from .stream import layers as stream_layers
 
@@ -145,6 +145,7 @@ class CalibratedPruneStep:
     true_sequential: bool = False
     every_expert: bool = False  # --moe-calibration all
     zeros: dict[str, int] = field(default_factory=dict)
+    outside: OutsidePrune | None = None  # --prune-vision: the engine prunes the vision linears with it
 
     @torch.no_grad()
     def __call__(self, layer: Layer) -> dict[str, torch.Tensor]:
@@ -213,8 +214,9 @@ class OutlierStep:
 
 
 def plan_sparsity(cfg: PruneConfig, source: Source) -> dict[str, float]:
-    """Target sparsity of every prunable matrix, checked against the pattern."""
-    matrices = prunable_matrices(source)
+    """Target sparsity of every prunable matrix (with --prune-vision the vision linears too, after
+    the decoder layers'), checked against the pattern."""
+    matrices = prunable_matrices(source) + (vision_matrices(source) if cfg.prune_vision else [])
     rules = ratios.load_rules(cfg.ratios) if cfg.ratios and cfg.ratios != "owl" else None
     schedule = ratios.parse_schedule(cfg.schedule) if cfg.schedule else None
     uniform = cfg.sparsity if cfg.sparsity is not None else 0.0  # a structured mix: no per-matrix ratio
@@ -234,9 +236,53 @@ def check_n_m_shapes(source: Source, pattern: Pattern, targets: dict[str, float]
         fan_ins = [(name, source.checkpoint.spec(name).shape[0 if linear.transposed else 1])
                    for linear, name in source.layout.linear_names(index) if targets.get(name)]
         fan_ins += [(e.name, e.shape[1]) for e in source.layout.expert_matrices(index) if targets.get(e.name)]
-        for name, fan_in in fan_ins:
-            if fan_in % pattern.m:
-                raise LlmpruneError(f"{name}: input dimension {fan_in} is not a multiple of M={pattern.m}")
+        _check_fan_ins(fan_ins, pattern)
+    _check_fan_ins([(name, source.checkpoint.spec(name).shape[0 if linear.transposed else 1])
+                    for linear, name in source.layout.outside_linears() if targets.get(name)], pattern)
+
+
+def _check_fan_ins(fan_ins: list[tuple[str, int]], pattern: Pattern) -> None:
+    for name, fan_in in fan_ins:
+        if fan_in % pattern.m:
+            raise LlmpruneError(f"{name}: input dimension {fan_in} is not a multiple of M={pattern.m}")
+
+
+@dataclass
+class OutsidePrune:
+    """``--prune-vision``: the linears outside the language model (a vision tower's, a projector's),
+    pruned by magnitude one tensor at a time as the engine copies them (memory: one tensor).
+    Calibration text reaches only the language model, so no calibrated criterion sees their inputs.
+    Called as a step's ``outside(name, tensor)``; counts zeros into the step's own ``zeros``."""
+
+    linears: dict[str, Linear]  # checkpoint weight name -> its linear
+    targets: dict[str, float]
+    pattern: Pattern
+    norm: str
+    zeros: dict[str, int]
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        linear = self.linears.get(name)
+        if linear is None:
+            return tensor
+        sparsity = self.targets.get(name, 0.0)
+        if sparsity > 0:
+            pruned, _ = magnitude.prune(as_out_in(tensor, linear), sparsity, self.pattern, None, self.norm)
+            tensor = pruned.t() if linear.transposed else pruned
+        self.zeros[name] = tensor.numel() - int(torch.count_nonzero(tensor))
+        return tensor
+
+
+def outside_pruner(cfg: PruneConfig, source: Source, step: PruneStep | CalibratedPruneStep) -> OutsidePrune | None:
+    """With --prune-vision, what prunes the vision linears for ``step`` (None without it); a calibrated
+    method is named in a warning, since those linears are pruned by magnitude all the same."""
+    if not cfg.prune_vision:
+        return None
+    linears = {name: linear for linear, name in source.layout.outside_linears()}
+    if step.criterion.needs_calibration:
+        log.warning("--prune-vision: the %d linears of %s are pruned by magnitude, not %s: calibration text "
+                    "reaches only the language model", len(linears), ", ".join(source.layout.outside_language_model()),
+                    cfg.method)
+    return OutsidePrune(linears, step.targets, step.pattern, step.norm, step.zeros)
 
 
 @dataclass
@@ -247,6 +293,7 @@ class PruneStep:
     pattern: Pattern
     norm: str
     zeros: dict[str, int] = field(default_factory=dict)
+    outside: OutsidePrune | None = None  # --prune-vision: the engine prunes the vision linears with it
 
     def __call__(self, layer: Layer) -> dict[str, torch.Tensor]:
         out = dict(layer.tensors)
@@ -280,7 +327,17 @@ def make_step(cfg: PruneConfig, source: Source, device: torch.device, store: tor
     """The engine step for ``cfg``, its calibration states when the criterion needs them, and the
     calibration windows' shape (windows, tokens) when any were used (OWL's pass uses them too).
 
-    With ``--ratios owl`` the targets are OWL's, from the journal when a resumed run has them."""
+    With ``--ratios owl`` the targets are OWL's, from the journal when a resumed run has them (the
+    vision linears of --prune-vision keep theirs). With --prune-vision the step prunes those too."""
+    step, acts, calibrated = _make_step(cfg, source, device, store, targets, journal, progress, calib_ids)
+    step.outside = outside_pruner(cfg, source, step)
+    return step, acts, calibrated
+
+
+def _make_step(cfg: PruneConfig, source: Source, device: torch.device, store: torch.device | Path,
+               targets: dict[str, float], journal: resume.Journal, progress: bool,
+               calib_ids: torch.Tensor | None) -> tuple[PruneStep | CalibratedPruneStep, Activations | None,
+                                                        tuple[int, int] | None]:
     criterion = criteria.get(cfg.method)
     if cfg.method == "admm":
         criterion = criterion.Configured(cfg.admm_options())
@@ -291,7 +348,7 @@ def make_step(cfg: PruneConfig, source: Source, device: torch.device, store: tor
         if journal.before.owl is None:
             owl, outliers = owl_targets(cfg, source, outer, ids, store, device, progress)
             journal.remember(owl={"targets": owl, "outlier_ratios": outliers})
-        targets = journal.before.owl["targets"]
+        targets = {**targets, **journal.before.owl["targets"]}
     if not criterion.needs_calibration:
         return PruneStep(criterion, targets, cfg.parsed_pattern, cfg.norm), None, tuple(ids.shape)
     acts = Activations(outer, ids, calibration_batch(device, ids.shape[1]), store)

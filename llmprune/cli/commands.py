@@ -63,6 +63,9 @@ def prune_parser() -> argparse.ArgumentParser:
                                            "count (1.5B, 900M): the mix of channels, heads and layers (or the kinds "
                                            "--pattern names) is chosen from damage measured on calibration data")
     p.add_argument("--norm", default="l1", choices=["l1", "l2"], help="norm of a pruned unit's weights")
+    p.add_argument("--prune-vision", action="store_true",
+                   help="multimodal models: also prune the linears of the vision tower and projector, by magnitude "
+                        "(calibration text reaches only the language model); unstructured or N:M patterns")
     p.add_argument("--ratios", help="YAML/JSON rules file (name pattern -> sparsity, first match wins), or owl")
     p.add_argument("--schedule", help="depth schedule, e.g. linear:0.2 (sparsity rises 0.2 from first to last layer)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
@@ -147,6 +150,7 @@ def run_prune(argv: list[str]) -> int:
         eval=args.eval, eval_seqlen=args.eval_seqlen, eval_max_windows=args.eval_max_windows,
         finetune=FinetuneConfig(model="", **finetune_options(args, "finetune-")) if args.finetune_steps else None,
         resume=args.resume, max_memory=args.max_memory, stream_from_hub=args.stream_from_hub, tokenizer=args.tokenizer,
+        prune_vision=args.prune_vision,
     )
     recipe = prune(cfg, command=shlex.join(["llmprune", *argv]), progress=not args.quiet)
     report(summary(recipe), summary_data(recipe), args.quiet)

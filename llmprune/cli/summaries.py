@@ -25,6 +25,10 @@ def summary(recipe: dict) -> str:
                  else f"--sparsity {cfg['sparsity']} of the units") + ")"),
         ("per layer", f"min {min(layers):.2%}, max {max(layers):.2%}"),
     ]
+    if sp.get("vision"):
+        v = sp["vision"]
+        rows.append(("vision", f"{v['matrices_pruned']} linears of {', '.join(v['parts'])} by {v['criterion']}, "
+                               f"{v['overall']:.4%} achieved"))
     if sp.get("not_pruned"):
         rows.append(("not pruned", f"{', '.join(sp['not_pruned'])} (outside the language model, unchanged)"))
     ft = recipe.get("finetune")

@@ -294,7 +294,8 @@ def build_recipe(recipe_in: dict, source: Source, cfg: FinetuneConfig, section: 
     for m in prunable_matrices(source):
         zeros.setdefault(m.name, 0)  # a matrix with no zeros has no mask entry worth keeping: count 0
         targets[m.name] = old.get(m.name, {}).get("target", zeros[m.name] / m.numel)
-    recipe.sparsity = sparsity_summary(source, targets, zeros)
+    # the vision linears of --prune-vision are not trained: their zeros are the input's
+    recipe.sparsity = sparsity_summary(source, targets, zeros, (recipe_in.get("sparsity") or {}).get("vision"))
     recipe.finetune = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
