@@ -7,7 +7,9 @@ the linear layers (``nn.Linear`` and GPT-2's transposed ``Conv1D``) inside those
 
 Multimodal (image-text-to-text) checkpoints are built with their own class; the decoder layers
 are the language model's (the module holding ``get_input_embeddings()``), and the vision tower and
-projector are tensors outside the decoder layers, written unchanged. Checkpoint names that
+projector are tensors outside the decoder layers, written unchanged unless ``--prune-vision``
+prunes their linears (``Layout.outside_linears``: the linears of every module beside the language
+model and the head). Checkpoint names that
 transformers renames on load (``language_model.model.layers`` -> ``model.language_model.layers``,
 GPT-NeoX's ``embed_out`` -> ``lm_head``) are mapped by its own renaming rules
 (``conversion.prefix_renamings``, given to ``Layout.match_checkpoint``).

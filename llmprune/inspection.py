@@ -3,7 +3,8 @@
 Tensors are read one at a time through ``checkpoint.Checkpoint`` and freed before the next, and
 N:M groups are checked a block of rows at a time, so memory stays O(one tensor) whatever the
 model's size. Tensors outside the decoder layers (embeddings, norms, head) are counted from the
-shard headers without being read.
+shard headers without being read, except a multimodal model's linears outside its language model
+(vision tower, projector), which are listed apart with their sparsity (``--prune-vision`` prunes them).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ ROWS_PER_CHECK = 1024  # N:M validity is checked this many output rows at a time
 class MatrixReport:
     """One prunable matrix as stored."""
     name: str  # checkpoint tensor name
-    linear: str  # module path inside the layer, e.g. "self_attn.q_proj"
-    layer: int
+    linear: str  # module path inside the layer, e.g. "self_attn.q_proj" (outside the layers: the checkpoint path)
+    layer: int | None  # None: outside the decoder layers (a vision tower's or projector's linear)
     shape: list[int]
     dtype: str
     numel: int
@@ -62,21 +63,35 @@ class Report:
     layers: list[dict] = field(default_factory=list)
     # mixture of experts: {"layers": MoE layers, "per_layer": routed experts in each, "top_k": chosen per token}
     experts: dict | None = None
+    # a multimodal model's linears outside the language model (vision tower, projector; --prune-vision)
+    vision: list[MatrixReport] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        for m, d in zip(self.matrices, out["matrices"]):
-            d["sparsity"] = m.sparsity
+        for key in ("matrices", "vision"):
+            for m, d in zip(getattr(self, key), out[key]):
+                d["sparsity"] = m.sparsity
         out["totals"] = self.totals()
         return out
 
     def totals(self) -> dict:
         numel = sum(m.numel for m in self.matrices)
         zeros = sum(m.zeros for m in self.matrices)
-        return {"prunable_params": numel, "prunable_zeros": zeros,
-                "prunable_sparsity": zeros / numel if numel else 0.0, "other_params": self.other_params,
-                "params": numel + self.other_params,
-                "n_m": {p: all(m.n_m[p] for m in self.matrices) for p in self.n_m_checked}}
+        vision = sum(m.numel for m in self.vision)
+        out = {"prunable_params": numel, "prunable_zeros": zeros,
+               "prunable_sparsity": zeros / numel if numel else 0.0, "other_params": self.other_params,
+               "params": numel + vision + self.other_params,
+               "n_m": {p: all(m.n_m[p] for m in self.matrices) for p in self.n_m_checked}}
+        if self.vision:
+            out["vision"] = group_totals(self.vision, self.n_m_checked)
+        return out
+
+
+def group_totals(matrices: list[MatrixReport], n_m_checked: list[str]) -> dict:
+    """Parameters, zeros, sparsity and N:M validity of a group of matrices (a layer, the vision linears)."""
+    numel, zeros = sum(m.numel for m in matrices), sum(m.zeros for m in matrices)
+    return {"params": numel, "zeros": zeros, "sparsity": zeros / numel if numel else 0.0,
+            "n_m": {p: all(m.n_m[p] for m in matrices) for p in n_m_checked}}
 
 
 def parse_n_m(text: str | tuple[str, ...] | list[str]) -> list[Pattern]:
@@ -104,7 +119,7 @@ def expert_reports(layout: Layout, index: int, tensors: dict[str, torch.Tensor],
             for expert, view in Layer(index, tensors, layout).experts()]
 
 
-def matrix_report(tensor: torch.Tensor, name: str, linear, layer: int, patterns: list[Pattern]) -> MatrixReport:
+def matrix_report(tensor: torch.Tensor, name: str, linear, layer: int | None, patterns: list[Pattern]) -> MatrixReport:
     weight = as_out_in(tensor, linear)
     zeros = tensor.numel() - int(torch.count_nonzero(tensor))
     return MatrixReport(name=name, linear=linear.name, layer=layer, shape=list(tensor.shape),
@@ -123,7 +138,7 @@ def recipe_summary(folder: Path) -> dict | None:
         log.warning("%s is unreadable; recipe not shown", path)
         return None
     cfg = recipe.get("config", {})
-    keep = ("method", "pattern", "sparsity", "ratios", "schedule", "norm", "dtype")
+    keep = ("method", "pattern", "sparsity", "ratios", "schedule", "norm", "dtype", "prune_vision")
     out = {k: cfg[k] for k in keep if cfg.get(k) is not None}
     out.update({k: recipe[k] for k in ("created", "command") if recipe.get(k)})
     out["input"] = recipe.get("input", {}).get("model")
@@ -149,10 +164,13 @@ def inspect(model: str, revision: str | None = None, n_m: str | tuple[str, ...] 
                     matrices.append(matrix_report(checkpoint.read(name), name, linear, index, patterns))
             matrices += expert_reports(layout, index, {n: checkpoint.read(n) for n in per_layer[index]}
                                        if layout.expert_matrices(index) else {}, patterns)
+        vision = [matrix_report(checkpoint.read(name), name, Linear(name.removesuffix(".weight"), linear.transposed),
+                                None, patterns) for linear, name in layout.outside_linears() if name in checkpoint]
     finally:
         checkpoint.close()
-    # expert matrices count as prunable, and so do the tensors that hold them
-    prunable = {m.name for m in matrices} | {e.param for i in range(layout.num_layers) for e in layout.expert_matrices(i)}
+    # expert matrices count as prunable, and so do the tensors that hold them; the vision linears are listed apart
+    prunable = {m.name for m in matrices + vision} | \
+        {e.param for i in range(layout.num_layers) for e in layout.expert_matrices(i)}
     dtypes: dict[str, int] = {}
     other = 0
     for name in checkpoint.names:
@@ -164,7 +182,7 @@ def inspect(model: str, revision: str | None = None, n_m: str | tuple[str, ...] 
     report = Report(model=model, folder=str(source.folder), n_m_checked=[str(p) for p in patterns],
                     matrices=matrices, num_layers=layout.num_layers, other_params=other,
                     weights_bytes=checkpoint.nbytes, folder_bytes=folder_size(source.folder), dtypes=dtypes,
-                    recipe=recipe_summary(source.folder), experts=expert_counts(layout))
+                    recipe=recipe_summary(source.folder), experts=expert_counts(layout), vision=vision)
     report.layers = layer_totals(report)
     return report
 
@@ -186,13 +204,8 @@ def folder_size(folder: Path) -> int:
 
 def layer_totals(report: Report) -> list[dict]:
     """Per decoder layer: parameters, zeros, sparsity, and whether every matrix passes each N:M check."""
-    out = []
-    for index in range(report.num_layers):
-        mine = [m for m in report.matrices if m.layer == index]
-        numel, zeros = sum(m.numel for m in mine), sum(m.zeros for m in mine)
-        out.append({"layer": index, "params": numel, "zeros": zeros, "sparsity": zeros / numel if numel else 0.0,
-                    "n_m": {p: all(m.n_m[p] for m in mine) for p in report.n_m_checked}})
-    return out
+    return [{"layer": index, **group_totals([m for m in report.matrices if m.layer == index], report.n_m_checked)}
+            for index in range(report.num_layers)]
 
 
 def _yes(flag: bool) -> str:
@@ -209,6 +222,13 @@ def render(report: Report) -> str:
                          *(_yes(m.n_m[p]) for p in report.n_m_checked)])
         rows.append(["", "(layer)", f"{layer['params']:,}", "", f"{layer['sparsity']:.2%}",
                      *(_yes(layer["n_m"][p]) for p in report.n_m_checked)])
+    if report.vision:
+        for m in report.vision:
+            rows.append(["vision", m.linear, "x".join(map(str, m.shape)), m.dtype, f"{m.sparsity:.2%}",
+                         *(_yes(m.n_m[p]) for p in report.n_m_checked)])
+        group = group_totals(report.vision, report.n_m_checked)
+        rows.append(["", "(vision)", f"{group['params']:,}", "", f"{group['sparsity']:.2%}",
+                     *(_yes(group["n_m"][p]) for p in report.n_m_checked)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     return "\n".join(lines + [""] + _footer(report))
@@ -225,6 +245,9 @@ def _footer(report: Report) -> list[str]:
           if report.experts else []),
         ("prunable", f"{t['prunable_params']:,} parameters, {t['prunable_zeros']:,} zero ({t['prunable_sparsity']:.4%})"),
         ("N:M valid", ", ".join(valid) if valid else "none of " + ", ".join(report.n_m_checked)),
+        *([("vision", f"{len(report.vision)} linears outside the language model, {t['vision']['params']:,} "
+                      f"parameters, {t['vision']['zeros']:,} zero ({t['vision']['sparsity']:.4%})")]
+          if report.vision else []),
         ("other", f"{t['other_params']:,} parameters (embeddings, norms, head, biases)"),
         ("dtypes", ", ".join(f"{k} {v:,}" for k, v in report.dtypes.items())),
         ("size on disk", f"{report.weights_bytes / 1e6:,.1f} MB of weights, {report.folder_bytes / 1e6:,.1f} MB in all"),

@@ -279,9 +279,9 @@ def outside_pruner(cfg: PruneConfig, source: Source, step: PruneStep | Calibrate
         return None
     linears = {name: linear for linear, name in source.layout.outside_linears()}
     if step.criterion.needs_calibration:
+        parts = [p for p in source.layout.outside_language_model() if any(n.startswith(p + ".") for n in linears)]
         log.warning("--prune-vision: the %d linears of %s are pruned by magnitude, not %s: calibration text "
-                    "reaches only the language model", len(linears), ", ".join(source.layout.outside_language_model()),
-                    cfg.method)
+                    "reaches only the language model", len(linears), ", ".join(parts), cfg.method)
     return OutsidePrune(linears, step.targets, step.pattern, step.norm, step.zeros)
 
 

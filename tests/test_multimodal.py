@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TOKENIZER_FILES, expect_error, run_cli
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-from conftest import TOKENIZER_FILES, expect_error, run_cli
 from llmprune.packaged import smollm2_checkpoint
 
 V = 49152  # SmolLM2's vocabulary
@@ -256,3 +256,154 @@ def test_multimodal_layer_removal_renumbers_in_the_input_layout(multimodal, cali
     assert json.loads((out / "config.json").read_text())["text_config"]["num_hidden_layers"] == 2
     model, info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
+# --- --prune-vision ------------------------------------------------------------------------------
+
+def vision_linears(folder: Path, outside: tuple[str, ...]) -> list[str]:
+    """The checkpoint names of the nn.Linear weights under the vision tower and projector, found with
+    transformers itself (in memory ``model.vision_tower...``, on disk ``vision_tower...``)."""
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    names = [path.removeprefix("model.") + ".weight" for path, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear)]
+    return [name for name in names if name.startswith(outside)]
+
+
+def magnitude_kept(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """By hand: the round(s x numel) smallest |w| go (random weights: no ties)."""
+    flat = weight.abs().flatten()
+    drop = flat.argsort()[:round(sparsity * flat.numel())]
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    keep[drop] = False
+    return keep.view_as(weight)
+
+
+VISION_FAMILIES = ["gemma3", "llava", "qwen2_vl"]
+
+
+@pytest.mark.parametrize("family", VISION_FAMILIES)
+def test_prune_vision_prunes_the_vision_linears_by_magnitude(multimodal, tmp_path, family):
+    source, out = multimodal[family], tmp_path / "out"
+    _, layers, outside = FAMILIES[family]
+    assert run_cli(source, "--sparsity", "0.3", "--prune-vision", "-o", out, "-q") == 0
+    before, after = tensors(source), tensors(out)
+    assert set(after) == set(before)
+    linears = vision_linears(source, outside)
+    assert len(linears) == {"gemma3": 15, "llava": 14, "qwen2_vl": 10}[family]
+    for name in linears:
+        w, p = before[name], after[name]
+        assert int((p == 0).sum()) == round(0.3 * w.numel()), name
+        assert torch.equal(p, w * magnitude_kept(w, 0.3)), name  # the smallest 30% zeroed, the rest bit-identical
+    # patch convolutions, norms, position embeddings, biases, Gemma 3's projection matrix: unchanged
+    for name, tensor in before.items():
+        if name.startswith(outside) and name not in linears:
+            assert raw(after[name]) == raw(tensor), name
+    assert (after[f"{layers}0.mlp.down_proj.weight"] == 0).sum() == round(0.3 * 64 * 128)
+    sp = json.loads((out / "llmprune.json").read_text())["sparsity"]
+    vision = sp["vision"]
+    assert vision["criterion"] == "magnitude" and vision["matrices_pruned"] == len(linears)
+    assert set(vision["matrices"]) == set(linears)
+    assert all(m["target"] == 0.3 and m["achieved"] == round(0.3 * m["numel"]) / m["numel"]
+               for m in vision["matrices"].values())
+    # Gemma 3's projector holds no linear (a bare projection matrix and a norm): it stays not pruned
+    assert vision["parts"] == (["vision_tower"] if family == "gemma3" else list(outside))
+    assert list(sp.get("not_pruned", {})) == (["multi_modal_projector"] if family == "gemma3" else [])
+    assert sp["matrices_pruned"] == 21  # the decoder linears, counted apart as before
+    model, info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
+    assert type(model).__name__ == json.loads((source / "config.json").read_text())["architectures"][0]
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    linear = dict(model.named_modules())["model." + linears[0].removesuffix(".weight")]
+    assert torch.equal(linear.weight, after[linears[0]])
+
+
+def test_default_leaves_vision_out_of_the_recipe(multimodal, tmp_path):
+    """Without --prune-vision the recipe has no vision section and no new config key (same bytes as before)."""
+    out = tmp_path / "out"
+    assert run_cli(multimodal["llava"], "--sparsity", "0.5", "-o", out, "-q") == 0
+    recipe = json.loads((out / "llmprune.json").read_text())
+    assert "vision" not in recipe["sparsity"] and "prune_vision" not in recipe["config"]
+    assert "--prune-vision" not in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen2_vl"])
+def test_prune_vision_wanda_2of4_calibrates_the_language_model_only(multimodal, calib_text, tmp_path, caplog, capsys,
+                                                                    family):
+    """Wanda 2:4: the decoder layers exactly as without --prune-vision, the vision linears 2:4 by magnitude."""
+    source = multimodal[family]
+    _, layers, outside = FAMILIES[family]
+    args = ("--method", "wanda", "--pattern", "2:4", "--calib-data", calib_text, "--nsamples", 2, "--seqlen", 32, "-q")
+    assert run_cli(source, *args, "-o", tmp_path / "plain") == 0
+    caplog.clear()
+    assert run_cli(source, *args, "--prune-vision", "-o", tmp_path / "out") == 0
+    warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    parts = "vision_tower" if family == "gemma3" else "visual"
+    assert f"--prune-vision: the {len(vision_linears(source, outside))} linears of {parts} are pruned by magnitude, " \
+           "not wanda: calibration text reaches only the language model" in warning
+    before, plain, after = tensors(source), tensors(tmp_path / "plain"), tensors(tmp_path / "out")
+    for name in after:
+        if name.startswith(layers):
+            assert raw(after[name]) == raw(plain[name]), name
+    for name in vision_linears(source, outside):
+        w, groups = before[name], before[name].reshape(-1, 4)
+        keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, groups.abs().topk(2, dim=1).indices, True)
+        assert torch.equal(after[name], (groups * keep).view_as(w)), name  # the 2 largest |w| of every 4 kept
+    recipe = json.loads((tmp_path / "out" / "llmprune.json").read_text())
+    assert recipe["calibration"]["nsamples"] == 2 and recipe["config"]["prune_vision"] is True
+    assert recipe["sparsity"]["vision"]["overall"] == 0.5
+    capsys.readouterr()
+    assert run_cli("inspect", tmp_path / "out", "--json", "-q") == 0
+    inspected = json.loads(capsys.readouterr().out)
+    assert {m["name"] for m in inspected["vision"]} == set(vision_linears(source, outside))
+    assert all(m["sparsity"] == 0.5 and m["n_m"]["2:4"] for m in inspected["vision"])
+    assert inspected["totals"]["vision"]["n_m"]["2:4"] and inspected["totals"]["n_m"]["2:4"]
+
+
+def test_prune_vision_follows_ratio_rules_by_checkpoint_name(multimodal, tmp_path):
+    source, out = multimodal["llava"], tmp_path / "out"
+    rules = tmp_path / "rules.yaml"
+    rules.write_text('"multi_modal_projector.*": 0.0\n"re:vision_tower\\\\.encoder\\\\.layers\\\\.0\\\\..*": 0.75\n')
+    assert run_cli(source, "--sparsity", "0.5", "--prune-vision", "--ratios", rules, "-o", out, "-q") == 0
+    before, after = tensors(source), tensors(out)
+    for name in vision_linears(source, ("vision_tower", "multi_modal_projector")):
+        zeros = int((after[name] == 0).sum())
+        if name.startswith("multi_modal_projector"):
+            assert raw(after[name]) == raw(before[name]), name
+        else:
+            expected = 0.75 if name.startswith("vision_tower.encoder.layers.0.") else 0.5
+            assert zeros == round(expected * after[name].numel()), name
+    sp = json.loads((out / "llmprune.json").read_text())["sparsity"]
+    assert sp["vision"]["parts"] == ["vision_tower"] and list(sp["not_pruned"]) == ["multi_modal_projector"]
+    assert (after["language_model.model.layers.0.self_attn.q_proj.weight"] == 0).float().mean().item() == 0.5
+
+
+def test_prune_vision_from_python_and_resumed(multimodal, tmp_path):
+    """The API takes ``prune_vision=``; a run killed after layer 1 resumes with the vision zeros journalled."""
+    from test_resume import kill_at, partials
+
+    import llmprune
+
+    source, out, whole = multimodal["qwen2_vl"], tmp_path / "out", tmp_path / "whole"
+    recipe = llmprune.prune(str(source), sparsity=0.5, prune_vision=True, output=str(whole), progress=False)
+    assert "--prune-vision" in recipe["command"] and recipe["sparsity"]["vision"]["matrices_pruned"] == 10
+    args = [source, "--sparsity", "0.5", "--prune-vision", "-o", out, "-q"]
+    kill_at("layer-1-committed", args)
+    assert len(partials(tmp_path)) == 1
+    assert run_cli(*args) == 0
+    resumed = json.loads((out / "llmprune.json").read_text())
+    assert resumed["resumed_after_layers"] == 2 and resumed["sparsity"] == recipe["sparsity"]
+    assert all(raw(t) == raw(tensors(whole)[n]) for n, t in tensors(out).items())
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--pattern", "channels", "--sparsity", "0.25"], "--prune-vision prunes single weights of the vision tower and "
+     "projector: it takes an unstructured or N:M --pattern, not --pattern channels"),
+    (["--target-params", "0.9", "--method", "wanda"], "--prune-vision prunes single weights of the vision tower and "
+     "projector: it takes an unstructured or N:M --pattern, not --target-params"),
+])
+def test_prune_vision_refuses_structured_patterns(multimodal, tmp_path, capsys, args, message):
+    expect_error(capsys, tmp_path, [multimodal["llava"], "--prune-vision", *args], message)
+
+
+def test_prune_vision_refused_on_a_text_only_model(gpt_neox, tmp_path, capsys):
+    expect_error(capsys, tmp_path, [gpt_neox, "--sparsity", "0.5", "--prune-vision"],
+                 f"--prune-vision: {gpt_neox} has no vision tower or projector")
