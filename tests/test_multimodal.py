@@ -309,6 +309,8 @@ def test_prune_vision_prunes_the_vision_linears_by_magnitude(multimodal, tmp_pat
     assert vision["parts"] == (["vision_tower"] if family == "gemma3" else list(outside))
     assert list(sp.get("not_pruned", {})) == (["multi_modal_projector"] if family == "gemma3" else [])
     assert sp["matrices_pruned"] == 21  # the decoder linears, counted apart as before
+    assert f"| vision linears | {len(linears)} of {', '.join(vision['parts'])} pruned by magnitude" in \
+        (out / "README.md").read_text()
     model, info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
     assert type(model).__name__ == json.loads((source / "config.json").read_text())["architectures"][0]
     assert not info["missing_keys"] and not info["unexpected_keys"], info
@@ -374,6 +376,18 @@ def test_prune_vision_follows_ratio_rules_by_checkpoint_name(multimodal, tmp_pat
     sp = json.loads((out / "llmprune.json").read_text())["sparsity"]
     assert sp["vision"]["parts"] == ["vision_tower"] and list(sp["not_pruned"]) == ["multi_modal_projector"]
     assert (after["language_model.model.layers.0.self_attn.q_proj.weight"] == 0).float().mean().item() == 0.5
+
+
+@pytest.mark.parametrize("ratios", [("--schedule", "linear:0.2"), ("--ratios", "owl")])
+def test_prune_vision_takes_the_uniform_sparsity_under_depth_ratios(multimodal, calib_text, tmp_path, ratios):
+    """A schedule or OWL sets the decoder layers' ratios; the vision linears keep --sparsity."""
+    out = tmp_path / "out"
+    assert run_cli(multimodal["llava"], "--sparsity", "0.5", "--prune-vision", *ratios, "--calib-data", calib_text,
+                   "--nsamples", 2, "--seqlen", 32, "-o", out, "-q") == 0
+    sp = json.loads((out / "llmprune.json").read_text())["sparsity"]
+    assert len(set(sp["layers"])) == 3 and sp["target_mean"] == pytest.approx(0.5)
+    assert len(sp["vision"]["matrices"]) == 14
+    assert all(m["target"] == 0.5 and m["achieved"] == 0.5 for m in sp["vision"]["matrices"].values())
 
 
 def test_prune_vision_from_python_and_resumed(multimodal, tmp_path):
