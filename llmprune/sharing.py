@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import sparse
-from .arch import load_config
+from .arch import load_config, model_class
 from .card import HUB_ID, input_card_metadata, model_card
 from .checkpoint import Checkpoint
 from .devices import parse_size
@@ -48,13 +48,20 @@ def load(folder: str | os.PathLike, **kwargs) -> torch.nn.Module:
     A sparse-bitmask folder is decompressed through llmprune's own reader, not transformers'
     quantizer hooks; ``kwargs`` go to ``from_pretrained`` (``dtype``, ``device_map``, ...).
     """
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, GenerationConfig
-
+    from transformers import (
+        MODEL_FOR_CAUSAL_LM_MAPPING,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING,
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        GenerationConfig,
+    )
 
     path = Path(folder)
-    if not sparse.folder_compressed_names(path):
-        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     config = AutoConfig.from_pretrained(str(path))
+    cls = model_class(config)  # a causal LM, or a multimodal checkpoint's own class
+    if not sparse.folder_compressed_names(path):
+        return cls.from_pretrained(str(path), **kwargs)
     for key in ("quantization_config", sparse.CONFIG_KEY):
         if hasattr(config, key):
             delattr(config, key)
@@ -65,8 +72,10 @@ def load(folder: str | os.PathLike, **kwargs) -> torch.nn.Module:
         checkpoint.close()
     # transformers takes a state dict only without a path (so from the model class, not the Auto
     # class); the generation config then comes separately
-    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    model = model_class.from_pretrained(None, config=config, state_dict=state, **kwargs)
+    mapping = {AutoModelForCausalLM: MODEL_FOR_CAUSAL_LM_MAPPING,
+               AutoModelForImageTextToText: MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING}
+    concrete = mapping[cls][type(config)] if cls in mapping else cls
+    model = concrete.from_pretrained(None, config=config, state_dict=state, **kwargs)
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(path))
     return model

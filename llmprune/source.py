@@ -78,7 +78,7 @@ def open_source(model: str, revision: str | None = None, stream_from_hub: bool =
     match_experts(layout, names)
     outside = layout.outside_language_model()
     if outside:
-        log.info("%s: outside the language model, not pruned without --prune-vision",
+        log.info("%s: outside the language model (pruned only with --prune-vision)",
                  ", ".join(f"{name} ({count:,} parameters)" for name, count in outside.items()))
     return Source(folder, info, checkpoint, layout, tokenizer)
 

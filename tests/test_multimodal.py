@@ -421,3 +421,26 @@ def test_prune_vision_refuses_structured_patterns(multimodal, tmp_path, capsys, 
 def test_prune_vision_refused_on_a_text_only_model(gpt_neox, tmp_path, capsys):
     expect_error(capsys, tmp_path, [gpt_neox, "--sparsity", "0.5", "--prune-vision"],
                  f"--prune-vision: {gpt_neox} has no vision tower or projector")
+
+
+@pytest.mark.parametrize("save_format", ["dense", "sparse-bitmask"])
+def test_llmprune_load_gives_the_multimodal_class(multimodal, tmp_path, save_format):
+    """``llmprune.load`` builds a multimodal output with its own class (not a causal LM), in either
+    save format, with the vision linears' zeros in place."""
+    import llmprune
+
+    source, out = multimodal["llava"], tmp_path / "out"
+    _, _, outside = FAMILIES["llava"]
+    assert run_cli(source, "--sparsity", "0.5", "--prune-vision", "--save-format", save_format, "-o", out, "-q") == 0
+    model = llmprune.load(out)
+    assert type(model) is type(AutoModelForImageTextToText.from_pretrained(source))
+    vision = {n: m.weight for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and ("vision_tower" in n or "multi_modal_projector" in n)}
+    assert len(vision) == len(vision_linears(source, outside)) == 14
+    for name, weight in vision.items():
+        assert int((weight == 0).sum()) == weight.numel() // 2, name
+    if save_format == "sparse-bitmask":  # the same weights as the dense save's
+        dense = tmp_path / "dense"
+        assert run_cli(source, "--sparsity", "0.5", "--prune-vision", "-o", dense, "-q") == 0
+        for (name, a), b in zip(model.state_dict().items(), llmprune.load(dense).state_dict().values()):
+            assert torch.equal(a, b), name
