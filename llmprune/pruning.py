@@ -224,9 +224,6 @@ def check_supported(cfg: PruneConfig, source: Source) -> None:
     if cfg.structured:
         raise LlmpruneError(f"--pattern {cfg.pattern} is not supported on mixture-of-experts models yet: its "
                             f"{experts} routed expert matrices would be left out; use an unstructured or N:M pattern")
-    if cfg.finetune is not None and cfg.finetune.steps > 0 and cfg.finetune.mode == "blockwise":
-        raise LlmpruneError("block-wise fine-tuning of mixture-of-experts layers is not supported yet: "
-                            "use --finetune-mode whole")
     if cfg.save_format != "dense" and any(name not in source.checkpoint for name in plan_sparsity(cfg, source)):
         raise LlmpruneError(f"--save-format {cfg.save_format} cannot store experts fused on disk yet: use "
                             "--save-format dense")

@@ -267,12 +267,10 @@ def test_inspect_lists_expert_matrices(root, tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--pattern", "channels", "--sparsity", "0.25"], "not supported on mixture-of-experts models yet"),
     (["--pattern", "layers", "--sparsity", "0.5"], "not supported on mixture-of-experts models yet"),
-    (["--sparsity", "0.5", "--finetune-steps", "2", "--finetune-mode", "blockwise"],
-     "block-wise fine-tuning of mixture-of-experts layers is not supported yet: use --finetune-mode whole"),
 ])
 def test_what_would_mishandle_experts_is_refused(root, tmp_path, capsys, args, message):
-    """Structured patterns other than experts, and block-wise fine-tuning, do not know routed experts
-    yet: one line, exit 2, nothing written."""
+    """Structured patterns other than experts do not know routed experts yet: one line, exit 2,
+    nothing written."""
     expect_error(capsys, tmp_path, [tiny("mixtral", root), *args], message)
 
 
@@ -310,6 +308,37 @@ def test_whole_finetune_trains_experts_and_keeps_their_zeros(tmp_path, calib_tex
         assert zeros(view) == view.numel() // 2, label
     recipe = json.loads((tuned / "llmprune.json").read_text())
     assert recipe["finetune"]["mode"] == "whole"
+
+
+@pytest.mark.parametrize("family, fused_on_disk", [("mixtral", False), ("qwen3_moe", False), ("gpt_oss", True)])
+def test_blockwise_finetune_trains_experts_and_keeps_their_zeros(tmp_path, calib_text, family, fused_on_disk):
+    """Block-wise mode trains each MoE layer towards the dense layer's outputs: every expert matrix
+    (fused in memory, per expert or fused on disk) trained with its 2:4 zeros kept, routers frozen,
+    the layers' output error lowered."""
+    src = tokenized(family, tmp_path / "dense", fused_on_disk)
+    pruned, tuned = tmp_path / "pruned", tmp_path / "tuned"
+    assert run_cli(src, "--pattern", "2:4", "-o", pruned, "-q") == 0
+    assert run_cli("finetune", pruned, "-o", tuned, "--mode", "blockwise", "--steps", "4", "--nsamples", "4",
+                   "--seqlen", "32", "--batch-size", "2", "--lr", "1e-3", "--data", calib_text, "--device", "cpu",
+                   "-q") == 0
+    before, after = tensors(pruned), tensors(tuned)
+    assert set(after) == set(before)  # the input's on-disk names and layout
+    experts = [n for n in before if ".experts." in n and not n.endswith("bias")]
+    assert experts
+    for name in experts:
+        assert after[name].shape == before[name].shape
+        assert torch.equal(after[name] == 0, before[name] == 0), name  # zeros kept, none added
+    assert any(not torch.equal(after[n], before[n]) for n in experts)  # the experts trained
+    routers = [n for n in before if n.endswith(("gate.weight", "router.weight")) and ".experts." not in n]
+    assert routers and all(torch.equal(after[n], before[n]) for n in routers)  # routers stay frozen
+    recipe = json.loads((tuned / "llmprune.json").read_text())
+    assert recipe["finetune"]["mode"] == "blockwise"
+    layers_report = recipe["finetune"]["layers"]
+    assert any(r["mse_after"] < r["mse_before"] for r in layers_report)
+    assert all(r["mse_after"] <= r["mse_before"] for r in layers_report)
+    model = AutoModelForCausalLM.from_pretrained(tuned)
+    for label, view in expert_views(model).items():
+        assert zeros(view) == view.numel() // 2, label
 
 
 def test_prune_with_finetune_and_expert_removal_then_finetune(tmp_path, calib_text):

@@ -68,10 +68,13 @@ class BlockwiseStep:
         # float32 master copies (the originals stay, for a layer training made worse); the stored dtype
         # comes back when written
         work = {n: t.to(torch.float32, copy=True) if t.is_floating_point() else t for n, t in layer.tensors.items()}
-        module = Layer(layer.index, work, layer.layout).module().eval()  # eval: no dropout in a regression
+        fused = {n: t.to(torch.float32, copy=True) for n, t in layer.fused.items()}  # experts fused in memory
+        module = Layer(layer.index, work, layer.layout, fused).module().eval()  # eval: no dropout in a regression
         linears = {lin.name: name for lin, name in layer.linears()}
-        weights, trainable = select_trainable(module, linears, self.cfg.train_norms)
-        masks = Masks(weights)
+        experts = layer_experts(layer)
+        weights, trainable = select_trainable(module, linears, self.cfg.train_norms,
+                                              {path: biases for path, (_, biases) in experts.items()})
+        masks = Masks({experts[k][0] if k in experts else k: w for k, w in weights.items()})
         before = mse(self.outputs(module, layer.index, self.acts.hidden), targets)
         losses = self.train(module, layer.index, targets, masks, trainable)
         masks.remove_hooks()
@@ -81,8 +84,8 @@ class BlockwiseStep:
         after = mse(outputs, targets)
         reverted = not after < before  # never write a layer worse than it came (e.g. --lr too high)
         if reverted:
-            for name, t in layer.tensors.items():
-                work[name].copy_(t)
+            for name, t in [*layer.tensors.items(), *layer.fused.items()]:
+                (fused if name in fused else work)[name].copy_(t)
             outputs = self.outputs(module, layer.index, self.acts.hidden)
             log.warning("layer %d: training raised its error (%.4g -> %.4g); kept the layer as it was",
                         layer.index, before, after)
@@ -95,6 +98,11 @@ class BlockwiseStep:
                 self.zeros[name] = out[name].numel() - int(torch.count_nonzero(out[name]))
             else:
                 out[name] = work[name].to(t.dtype) if t.is_floating_point() else t
+        for name, t in layer.fused.items():  # written back in place: the engine splits them into the stored tensors
+            t.copy_(cast_keeping_mask(fused[name], masks.pruned[name], t.dtype) if name in masks.pruned else fused[name])
+            if name in masks.pruned:
+                self.changed += mask_changes(t, masks.pruned[name])
+                self.zeros[name] = t.numel() - int(torch.count_nonzero(t))
         self.report.append({"layer": layer.index, "mse_before": before, "mse_after": before if reverted else after,
                             "reverted": reverted, "first_loss": losses[0] if losses else None,
                             "last_loss": losses[-1] if losses else None, "seconds": round(time.perf_counter() - start, 2),
@@ -138,6 +146,23 @@ class BlockwiseStep:
             optimizer.zero_grad(set_to_none=True)
             losses.append(total)
         return losses
+
+
+def layer_experts(layer: Layer) -> dict[str, tuple[str, list[str]]]:
+    """The routed expert parameters of ``layer`` (path in the layer module -> the name its mask goes
+    by, the paths of its biases): the checkpoint tensor's name, or the fused tensor's in-memory name
+    for experts stored per expert and fused on load (``Layer.fused``)."""
+    layout, prefix = layer.layout, layer.layout.layer_prefix(layer.index)
+    stored = layout.checkpoint_name(prefix)
+    plan = layout.plan(layer.index)
+    renamed = {} if plan is None else {g.sources[0]: g.target for g in plan.groups if not g.fused}
+    by_path = {renamed.get(name, name)[len(stored):]: name for name in layer.tensors}
+    out: dict[str, tuple[str, list[str]]] = {}
+    for expert in layout.expert_matrices(layer.index):
+        weight, e, path = expert.matrix.weight, expert.matrix.expert, expert.matrix.param
+        biases = weight.bias_params() if weight.fused else weight.bias_params()[e:e + 1]  # this expert's
+        out.setdefault(path, (prefix + path if prefix + path in layer.fused else by_path[path], biases))
+    return out
 
 
 def mse(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:

@@ -160,10 +160,6 @@ def finetune(cfg: FinetuneConfig, command: str | None = None, progress: bool = T
     if mode == "blockwise" and cfg.loss != "lm":
         raise LlmpruneError(f"--loss {cfg.loss} is for whole-model fine-tuning: block-wise mode already learns "
                             "from the dense model's layers")
-    if mode == "blockwise" and any(source.layout.moe):
-        raise LlmpruneError("block-wise fine-tuning of mixture-of-experts layers is not supported yet: "
-                            + ("the model does not fit for --mode whole within the memory budget"
-                               if cfg.mode == "auto" else "use --mode whole"))
     if mode == "blockwise":
         dense = open_source(dense_model(cfg, recipe_in))
     compressed = kept_compression(source)
